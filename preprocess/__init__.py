@@ -1,0 +1,1 @@
+"""Offline preprocessing: records -> info-dense spans -> token-aligned flags -> memory-mapped shards."""

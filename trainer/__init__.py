@@ -1,0 +1,1 @@
+"""Masked-diffusion SFT with complementary priority masking on DeepSpeed."""
