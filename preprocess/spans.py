@@ -31,7 +31,7 @@ class Domain(IntEnum):
     MATH = 2
 
     @classmethod
-    def parse(cls, value: str | int | "Domain") -> "Domain":
+    def parse(cls, value: str | int | Domain) -> Domain:
         if isinstance(value, Domain):
             return value
         if isinstance(value, int):
