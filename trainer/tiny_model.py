@@ -37,7 +37,8 @@ class TinyDLLMForMaskedDiffusion(LlamaForCausalLM):
             layer.self_attn.is_causal = False
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):  # noqa: D102
-        if attention_mask is None or attention_mask.dim() == 2:
+        # A 4-D tensor or a flex BlockMask is the caller's layout and passes through untouched.
+        if attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
             attention_mask = bidirectional_mask(input_ids if input_ids is not None
                                                 else kwargs["inputs_embeds"][..., 0],
                                                 attention_mask)
