@@ -57,7 +57,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["preprocess", "preprocess.*", "trainer", "trainer.*",
                                     "evaluation", "evaluation.*"]),
-    package_data={"preprocess": ["assets/tokenizer/*", "assets/sample/*"]},
+    package_data={"preprocess": ["assets/tokenizer/*", "assets/sample/*", "assets/tiktoken/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
