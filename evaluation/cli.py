@@ -1,0 +1,188 @@
+"""``dm-evaluate``: evaluate a checkpoint on the paper's benchmarks and build the Table 1 report.
+
+    dm-evaluate run --model tiny --benchmarks gsm8k,mbpp --limit 8 --gen-length 64 --out outputs/eval
+    dm-evaluate run --model runs/ours/hf --name "Ours (w=2)"    # all four benchmarks, paper settings
+    dm-evaluate report outputs/eval/Original.json outputs/eval/Baseline.json outputs/eval/Ours_w_2.json
+    dm-evaluate selfcheck --benchmarks gsm8k,mbpp       # reference answers must score 100 %
+    dm-evaluate sandbox-info                            # which isolation layers are active here
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from evaluation.benchmarks import BENCHMARKS, ORDER, DataError
+from evaluation.generate import REMASKING, DecodeConfig
+from evaluation.sandbox import SandboxLimits, sandbox_layers
+
+
+def _benchmarks(text: str) -> tuple[str, ...]:
+    names = tuple(b.strip().lower() for b in text.split(",") if b.strip())
+    if names == ("all",):
+        return ORDER
+    bad = [b for b in names if b not in BENCHMARKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown benchmark(s) {bad}; choose from {', '.join(ORDER)} "
+                                         "or 'all'")
+    return names
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--benchmarks", type=_benchmarks, default=ORDER,
+                   help=f"comma list of {','.join(ORDER)} or 'all' (default all)")
+    p.add_argument("--data-dir", type=Path, default=Path("../shared/data"),
+                   help="folder holding <benchmark>/<file>.jsonl (default ../shared/data, relative to CWD)")
+    for name, b in BENCHMARKS.items():
+        p.add_argument(f"--{name}", type=Path, default=None, metavar="PATH",
+                       help=f"{b.title} JSONL file (default <data-dir>/{b.default_path})")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--workers", type=int, default=2, help="programs run in parallel in the sandbox")
+    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+    p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (MiB)")
+    p.add_argument("--sandbox-python", default="",
+                   help="interpreter for the programs (default: this one); one that user 'nobody' can run "
+                        "lets the sandbox drop privileges when running as root")
+
+
+def _paths(args: argparse.Namespace) -> dict[str, Path]:
+    paths = {}
+    for name in args.benchmarks:
+        given = getattr(args, name)
+        path = given if given is not None else args.data_dir / BENCHMARKS[name].default_path
+        if not path.is_file():
+            hint = f"--{name} {given}" if given is not None else \
+                f"--data-dir {args.data_dir} (looked for {path}); pass --data-dir or --{name} PATH"
+            raise FileNotFoundError(f"{BENCHMARKS[name].title} data not found: {hint}")
+        paths[name] = path
+    return paths
+
+
+def _limits(args: argparse.Namespace) -> SandboxLimits:
+    return SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, python=args.sandbox_python)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dm-evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate + score one checkpoint; writes results JSON, table, chart")
+    run.add_argument("--model", default="tiny", help="'tiny' (built-in default) or an HF model folder")
+    run.add_argument("--name", default="", help="row label in the table (default: model folder name)")
+    _add_data_args(run)
+    run.add_argument("--gen-length", type=int, default=512, help="max new tokens (paper: 512)")
+    run.add_argument("--block-length", type=int, default=32, help="block size; match training (paper: 32)")
+    run.add_argument("--steps-per-block", type=int, default=32, help="max model calls per block (paper: 32)")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper)")
+    run.add_argument("--threshold", type=float, default=0.95,
+                     help="accept tokens above this confidence at once (remasking=threshold)")
+    run.add_argument("--remasking", choices=REMASKING, default="threshold",
+                     help="threshold (LLaDA2, default) or low_confidence (LLaDA)")
+    run.add_argument("--kv-cache", choices=["auto", "on", "off"], default="auto",
+                     help="cache finished blocks' keys/values (same tokens, fewer FLOPs); auto = on where "
+                          "the model supports it (built-in default, transformers-native classes)")
+    run.add_argument("--no-chat-template", action="store_true", help="feed the bare prompt")
+    run.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    run.add_argument("--seed", type=int, default=0, help="model init for 'tiny' and sampling noise")
+    run.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    run.add_argument("--out", type=Path, default=Path("outputs/eval"), help="output folder")
+
+    rep = sub.add_parser("report", help="merge results JSONs into one table (.md) and chart (.png)")
+    rep.add_argument("results", nargs="+", type=Path)
+    rep.add_argument("--out", type=Path, default=Path("outputs/eval/table"),
+                     help="output stem: writes <out>.md and <out>.png")
+
+    chk = sub.add_parser("selfcheck", help="score the benchmarks' reference answers (must be 100 %%)")
+    _add_data_args(chk)
+    chk.add_argument("--out", type=Path, default=None, help="also write the records as JSON here")
+
+    info = sub.add_parser("sandbox-info", help="print the sandbox's active layers and limits as JSON")
+    info.add_argument("--timeout", type=float, default=10.0)
+    info.add_argument("--memory-mb", type=int, default=1024)
+    info.add_argument("--sandbox-python", default="")
+    return parser
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from evaluation.report import bar_chart, markdown_table
+    from evaluation.runner import EvalConfig, run_evaluation, write_results
+
+    decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length,
+                          steps_per_block=args.steps_per_block, temperature=args.temperature,
+                          threshold=args.threshold, remasking=args.remasking, kv_cache=args.kv_cache == "on")
+    cfg = EvalConfig(model=args.model, name=args.name, benchmarks=args.benchmarks, paths=_paths(args),
+                     limit=args.limit, decode=decode, batch_size=args.batch_size, seed=args.seed,
+                     use_chat_template=not args.no_chat_template, sandbox=_limits(args), workers=args.workers,
+                     device=args.device, dtype=args.dtype, kv_cache_auto=args.kv_cache == "auto")
+    stem = args.out / _slug(cfg.name)
+    results = run_evaluation(cfg, log=lambda m: print(m, file=sys.stderr, flush=True),
+                             on_benchmark=lambda r: write_results(r, stem.with_suffix(".json")))
+    table = markdown_table([results])
+    stem.with_suffix(".md").write_text(table, encoding="utf-8")
+    bar_chart([results], stem.with_suffix(".png"))
+    print(table)
+    print(f"wrote {stem}.json, {stem}.md, {stem}.png")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.report import bar_chart, load_results, markdown_table
+
+    results = [load_results(p) for p in args.results]
+    table = markdown_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(table, encoding="utf-8")
+    bar_chart(results, args.out.with_suffix(".png"))
+    print(table)
+    print(f"wrote {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
+    return 0
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from evaluation.runner import EvalConfig, self_check
+
+    cfg = EvalConfig(benchmarks=args.benchmarks, paths=_paths(args), limit=args.limit, sandbox=_limits(args),
+                     workers=args.workers)
+    summary = self_check(cfg)
+    failed = 0
+    for name, s in summary.items():
+        print(f"{BENCHMARKS[name].title}: {s['score']:.2f} % ({s['correct']}/{s['n']}) "
+              f"in {s['scoring_s']:.1f} s")
+        for r in s["records"]:
+            if not r["passed"]:
+                failed += 1
+                why = r.get("stderr", "")[-200:]
+                print(f"  FAIL {r['source']} task {r['task_id']}: {r['status']} {why!r}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "selfcheck":
+            return cmd_selfcheck(args)
+        print(json.dumps(sandbox_layers(_limits(args)), indent=1))
+        return 0
+    except (FileNotFoundError, DataError, ValueError) as e:
+        print(f"dm-evaluate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""One evaluation run: load a checkpoint, generate for each benchmark, score, write the results JSON.
+
+Results JSON (``format: dm-eval-results/1``)::
+
+    {"format", "name", "model", "created", "decode": {...}, "seed", "chat_template", "sandbox": {layers,
+     limits}, "environment": {...},
+     "benchmarks": {"gsm8k": {"title", "kind", "metric", "score" (percent), "n", "correct",
+                              "generation_s", "scoring_s", "records": [
+         {"task_id", "source" (file:line), "prompt", "generation", "extracted", "gold", "passed",
+          "status", "generation_s" (batch time / batch size), "scoring_s", "stderr" (code only)}]}}}
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from evaluation import scoring
+from evaluation.benchmarks import BENCHMARKS, ORDER, Problem, load_benchmark, reference_completion
+from evaluation.generate import DecodeConfig, generate, supports_kv_cache
+from evaluation.sandbox import SandboxLimits, run_programs, sandbox_layers
+
+RESULTS_FORMAT = "dm-eval-results/1"
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """Everything one ``dm-evaluate run`` needs."""
+
+    model: str = "tiny"
+    """``tiny`` (built-in random-init default) or an HF folder / hub id (e.g. a trainer export)."""
+    name: str = ""
+    """Row label in the table; defaults to the model folder's name."""
+    benchmarks: tuple[str, ...] = ORDER
+    paths: dict[str, Path] = field(default_factory=dict)
+    """Benchmark file per name (the CLI fills this from --data-dir and per-benchmark options)."""
+    limit: int | None = None
+    """Evaluate only the first N problems of each benchmark (smoke tests)."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    batch_size: int = 8
+    seed: int = 0
+    use_chat_template: bool = True
+    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    workers: int = 2
+    """Programs run in parallel in the sandbox."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    kv_cache_auto: bool = False
+    """Use the KV cache when the loaded model supports it (overrides ``decode.kv_cache``)."""
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        if unknown:
+            raise ValueError(f"EvalConfig.benchmarks: unknown {unknown}; known: {', '.join(ORDER)}")
+        if not self.benchmarks:
+            raise ValueError("EvalConfig.benchmarks is empty")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"EvalConfig.limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1 or self.workers < 1:
+            raise ValueError("EvalConfig.batch_size and EvalConfig.workers must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16", "float64"):
+            raise ValueError(f"EvalConfig.dtype must be float32|bfloat16|float16|float64, got {self.dtype}")
+        if not self.name:
+            self.name = Path(str(self.model).rstrip("/")).name or str(self.model)
+
+
+def score_problems(problems: list[Problem], completions: list[str], limits: SandboxLimits, workers: int
+                   ) -> list[dict]:
+    """Score completions against their problems -> per-sample records (no timing of generation)."""
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+    records: list[dict] = []
+    code_idx = [i for i, p in enumerate(problems) if BENCHMARKS[p.benchmark].kind == "code"]
+    programs = [scoring.PROGRAM_BUILDERS[problems[i].benchmark](problems[i].record, completions[i])
+                for i in code_idx]
+    results = dict(zip(code_idx, run_programs(programs, limits, workers=workers)))
+    for i, (p, c) in enumerate(zip(problems, completions)):
+        rec = {"task_id": p.task_id, "source": p.source, "prompt": p.prompt, "generation": c}
+        if i in results:
+            r = results[i]
+            rec.update(extracted=scoring.extract_code(c), gold=None, passed=r.passed, status=r.status,
+                       scoring_s=r.duration_s, stderr=r.stderr[-500:])
+        else:
+            t = time.perf_counter()
+            ok, extracted = scoring.score_math(p.gold or "", c)
+            rec.update(extracted=extracted, gold=p.gold, passed=ok, status="passed" if ok else "failed",
+                       scoring_s=round(time.perf_counter() - t, 4))
+        records.append(rec)
+    return records
+
+
+def summarise(name: str, records: list[dict], generation_s: float) -> dict:
+    bench = BENCHMARKS[name]
+    correct = sum(r["passed"] for r in records)
+    metric = "pass@1" if bench.kind == "code" else "accuracy"
+    return {"title": bench.title, "kind": bench.kind, "metric": metric,
+            "score": round(100.0 * correct / len(records), 2), "n": len(records), "correct": correct,
+            "generation_s": round(generation_s, 3),
+            "scoring_s": round(sum(r["scoring_s"] for r in records), 3), "records": records}
+
+
+def self_check(cfg: EvalConfig) -> dict:
+    """Score each benchmark's own reference answers through the same checkers (should be 100 %)."""
+    out = {}
+    for name in cfg.benchmarks:
+        problems = load_benchmark(name, cfg.paths[name], cfg.limit)
+        answers = [reference_completion(p) for p in problems]
+        records = score_problems(problems, answers, cfg.sandbox, cfg.workers)
+        out[name] = summarise(name, records, 0.0)
+    return out
+
+
+def run_evaluation(cfg: EvalConfig, *, log=print, on_benchmark=None) -> dict:
+    """Generate and score every requested benchmark; returns the results dict (see module doc).
+
+    ``on_benchmark(results)`` is called after each benchmark (the CLI saves the JSON then, so a
+    crash or interruption in a later benchmark loses nothing already scored).
+    """
+    from trainer.modeling import load_model  # heavy import only when a model is needed
+
+    problems = {name: load_benchmark(name, cfg.paths[name], cfg.limit) for name in cfg.benchmarks}
+    bundle = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
+    model = bundle.model.to(cfg.device)
+    if cfg.kv_cache_auto:
+        cfg.decode.kv_cache = supports_kv_cache(model)
+    layers = sandbox_layers(cfg.sandbox)
+    chat = cfg.use_chat_template and bool(getattr(bundle.tokenizer, "chat_template", None))
+    results = {"format": RESULTS_FORMAT, "name": cfg.name, "model": str(cfg.model), "family": bundle.family,
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "decode": asdict(cfg.decode), "batch_size": cfg.batch_size, "seed": cfg.seed,
+               "chat_template": chat,
+               "sandbox": layers,
+               "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                               "device": cfg.device, "dtype": cfg.dtype},
+               "benchmarks": {}}
+    d = cfg.decode
+    for name in cfg.benchmarks:
+        probs = problems[name]
+        # Similar prompt lengths share a batch (less padding); answers go back to file order.
+        order = sorted(range(len(probs)), key=lambda i: len(probs[i].prompt))
+        completions: list[str] = [""] * len(probs)
+        per_sample_s: list[float] = [0.0] * len(probs)
+        t_gen = time.perf_counter()
+        for s in range(0, len(order), cfg.batch_size):
+            idx = order[s:s + cfg.batch_size]
+            t = time.perf_counter()
+            texts = generate(model, bundle.tokenizer, [probs[i].prompt for i in idx],
+                             mask_token_id=bundle.mask_token_id, eos_token_id=bundle.eos_token_id,
+                             gen_length=d.gen_length, block_length=d.block_length,
+                             steps_per_block=d.steps_per_block, temperature=d.temperature,
+                             threshold=d.threshold, remasking=d.remasking,
+                             use_chat_template=cfg.use_chat_template, batch_size=cfg.batch_size,
+                             seed=cfg.seed + s, kv_cache=d.kv_cache)
+            dt = (time.perf_counter() - t) / len(idx)
+            for i, text in zip(idx, texts):
+                completions[i], per_sample_s[i] = text, round(dt, 4)
+            log(f"[{name}] generated {min(s + cfg.batch_size, len(order))}/{len(order)} "
+                f"({dt:.2f} s/sample)")
+        generation_s = time.perf_counter() - t_gen
+        records = score_problems(probs, completions, cfg.sandbox, cfg.workers)
+        for rec, gs in zip(records, per_sample_s):
+            rec["generation_s"] = gs
+        summary = summarise(name, records, generation_s)
+        results["benchmarks"][name] = summary
+        if on_benchmark is not None:
+            on_benchmark(results)
+        log(f"[{name}] {summary['metric']} = {summary['score']:.2f} % ({summary['correct']}/{summary['n']}), "
+            f"{generation_s / len(probs):.2f} s/sample generation")
+    return results
+
+
+def write_results(results: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    return path
