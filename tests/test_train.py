@@ -1,0 +1,144 @@
+"""End-to-end runs of launch/train.py: the real 2-rank ZeRO-3 CPU run through the `deepspeed` launcher
+(preprocessing on rank 0 behind a barrier, training, checkpoint, exact 2-rank resume, HF export,
+samples), a stock HF architecture under ZeRO-2, and the LR schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.loop import lr_factor
+from trainer.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    return p
+
+
+def deepspeed_cmd(*args: str) -> list[str]:
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    return [exe, "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
+            "--deepspeed", "ds_configs/zero3.json", "--preset", "tiny_smoke", *args]
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_run_resume_export(tmp_path):
+    data, out1, out2 = tmp_path / "cache" / "sample-rules", tmp_path / "run1", tmp_path / "run2"
+    common = ["--data.path", str(data), "--train.max_steps", "4", "--train.save_every", "2",
+              "--data.max_length", "128", "--metrics.tensorboard", "false"]
+    p = run(deepspeed_cmd(*common, "--checkpoint.output_dir", str(out1), "--train.sample_prompts",
+                          '["Write a python function to add two numbers."]',
+                          "--train.sample_max_new_tokens", "32"))
+    log = p.stdout + p.stderr
+    assert "preprocessing the bundled sample" in log and (data / "index.json").is_file()
+    assert "ZeRO-3 | 2 rank(s) on cpu | fp32" in log
+    assert log.count("[train] tiny (") == 1  # rank 0 alone reports
+    recs = read_metrics(out1 / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all(abs(r["mask_rate"] - 0.5) < 1e-9 for r in recs)  # complementary pairs
+    assert all(r["loss_dense"] > 0 and r["loss_other"] > 0 for r in recs)
+    ck = out1 / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_4"
+    for tag in ("step_2", "step_4"):
+        assert {f"trainer_state_rank{r}.pt" for r in (0, 1)} <= {f.name for f in (ck / tag).iterdir()}
+        assert len(list((ck / tag).glob("zero_pp_rank_*_optim_states.pt"))) == 2  # ZeRO-3 partitions
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out1 / "hf", trust_remote_code=True)
+    assert model.config.model_type == "tiny_dllm"
+    assert json.loads((out1 / "samples.json").read_text())[0]["prompt"].startswith("Write a python")
+
+    # Resume the 2-rank run from its step-2 checkpoint elsewhere: steps 3-4 must repeat exactly.
+    p2 = run(deepspeed_cmd(*common, "--checkpoint.output_dir", str(out2), "--checkpoint.resume",
+                           str(ck / "step_2"), "--checkpoint.export_hf", "false"))
+    assert "at step 2" in p2.stdout
+    resumed = {r["step"]: r["loss"] for r in read_metrics(out2 / "metrics.jsonl")}
+    assert sorted(resumed) == [3, 4]
+    assert [resumed[3], resumed[4]] == [recs[2]["loss"], recs[3]["loss"]]
+
+
+@pytest.mark.slow
+def test_stock_hf_architecture_trains_under_zero2(tmp_path):
+    """A random Qwen2 folder goes through the same code path (load_model by path, call_model, export)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_modeling import save_random_hf_model
+
+    model_dir = save_random_hf_model(tmp_path / "qwen2", "qwen2")
+    data = tmp_path / "shards"
+    from preprocess.assets import SAMPLE_PATH
+    from preprocess.pipeline import PreprocessConfig, run_pipeline
+
+    sub = tmp_path / "sub.jsonl"
+    sub.write_text("\n".join(SAMPLE_PATH.read_text().splitlines()[::25]) + "\n")
+    run_pipeline(PreprocessConfig(inputs=[sub], output_dir=data, extractor="rules", num_shards=1, workers=1))
+    out = tmp_path / "run"
+    run([sys.executable, "launch/train.py", "--deepspeed", "ds_configs/zero2.json", "--preset", "tiny_smoke",
+         "--model.name", str(model_dir), "--data.path", str(data), "--checkpoint.output_dir", str(out),
+         "--train.max_steps", "3", "--data.max_length", "128", "--objective.layout", "full",
+         "--objective.weighting", "elbo", "--train.grad_accum", "2", "--metrics.tensorboard", "false"])
+    recs = read_metrics(out / "metrics.jsonl")
+    assert len(recs) == 3 and all(r["loss"] > 0 for r in recs)
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(out / "hf")
+    assert exported.config.model_type == "qwen2"
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    changed = [n for (n, a), (_, b) in zip(exported.named_parameters(), original.named_parameters())
+               if not torch.equal(a, b)]
+    assert changed  # trained weights were exported
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    f = lambda s: lr_factor(s, max_steps=100, warmup_ratio=0.1, schedule="cosine", min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+    lin = lambda s: lr_factor(s, max_steps=100, warmup_ratio=0.0, schedule="linear", min_lr_ratio=0.0)
+    assert lin(0) == 1.0 and lin(50) == pytest.approx(0.5)
+    assert lr_factor(70, max_steps=100, warmup_ratio=0.0, schedule="constant", min_lr_ratio=0.0) == 1.0
+
+
+def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
+    from trainer.config import MetricsConfig
+    from trainer.metrics import MetricsLogger, matmul_params, peak_flops_per_device
+    from trainer.modeling import load_model
+
+    log = MetricsLogger(MetricsConfig(progress=False), tmp_path, rank=0, max_steps=4, start_step=0,
+                        run_config={"a": 1})
+    log.record(2, {"loss": 3.5, "mfu": float("nan")})
+    log.record(4, {"loss": 2.5})
+    log.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 2, "loss": 3.5, "mfu": None},
+                                                         {"step": 4, "loss": 2.5}]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    silent = MetricsLogger(MetricsConfig(), tmp_path / "r1", rank=1, max_steps=4, start_step=0)
+    silent.record(1, {"loss": 1.0})
+    silent.close()
+    assert not (tmp_path / "r1").exists()  # only rank 0 writes
+    (tmp_path / "bad.jsonl").write_text('{"step": 1, "loss": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        read_metrics(tmp_path / "bad.jsonl")
+    model = load_model("tiny").model
+    assert matmul_params(model) == sum(p.numel() for p in model.parameters())  # tied head counts once
+    assert peak_flops_per_device(MetricsConfig(peak_flops=1e12), torch.device("cpu")) == 1e12
+    assert peak_flops_per_device(MetricsConfig(), torch.device("cpu")) > 0
