@@ -1,0 +1,421 @@
+"""End-to-end preprocessing: flags semantics, determinism, resume after kill -9, rejects, fractions."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from preprocess.assets import SAMPLE_PATH, TOKENIZER_DIR
+from preprocess.pipeline import (
+    CRASH_ENV,
+    ConfigMismatchError,
+    PreprocessConfig,
+    RejectError,
+    build_slurm_executor,
+    parse_fractions,
+    run_pipeline,
+)
+from preprocess.shards import (
+    FLAG_INFO_DENSE,
+    FLAG_SELECTED,
+    FLAG_SUPERVISED,
+    INDEX_FILE,
+    ShardedDataset,
+    shard_files,
+    verify,
+)
+from preprocess.spans import Domain, ExtractInput, ExtractResult, Span, fraction_selected, register_extractor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@register_extractor("test-digits")
+class DigitsExtractor:
+    """Marks every run of digits: easy to check against the decoded tokens."""
+
+    name = "test-digits"
+    version = "1"
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def extract_batch(self, items: Sequence[ExtractInput]) -> list[ExtractResult]:
+        return [ExtractResult(spans=[Span(m.start(), m.end(), "num")
+                                     for m in re.finditer(r"\d+", it.response)])
+                for it in items]
+
+
+@register_extractor("test-broken")
+class BrokenExtractor:
+    """Returns a span outside the response for every sample (an extractor bug)."""
+
+    name = "test-broken"
+    version = "1"
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def extract_batch(self, items: Sequence[ExtractInput]) -> list[ExtractResult]:
+        return [ExtractResult(spans=[Span(0, len(it.response) + 5)], status="partial") for it in items]
+
+
+def _subset(tmp_path: Path, n: int = 90, every: int = 33) -> tuple[Path, dict[str, dict]]:
+    """A small mixed math/code input (every ``every``-th sample record)."""
+    rows = [json.loads(line) for line in SAMPLE_PATH.read_text(encoding="utf-8").split("\n") if line.strip()]
+    rows = rows[::every][:n]
+    p = tmp_path / "subset.jsonl"
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return p, {r["id"]: r for r in rows}
+
+
+def _cfg(inp: Path, out: Path, **kw) -> PreprocessConfig:
+    kw.setdefault("extractor", "none")
+    kw.setdefault("workers", 1)
+    kw.setdefault("num_shards", 3)
+    return PreprocessConfig(inputs=[inp], output_dir=out, **kw)
+
+
+def _data_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+def test_flags_tokens_and_stats(tmp_path: Path, tok):
+    inp, rows = _subset(tmp_path)
+    out = run_pipeline(_cfg(inp, tmp_path / "out", extractor="test-digits"))
+    assert verify(out) == []
+    ds = ShardedDataset(out)
+    assert len(ds) == len(rows)
+    assert ds.index["tokenizer"]["vocab_size"] == ds.vocab_size == 4096
+    with_digits = sum(bool(re.search(r"\d", r["response"])) for r in rows.values())
+    assert ds.index["alignment"] == {"bytes": with_digits}
+    sup = dense = 0
+    for s in ds:
+        row = rows[s.sample_id]
+        assert s.domain == Domain.parse(row["domain"])
+        n_prompt = int(np.argmax(s.supervised))
+        # Prompt = chat-template user turn (unsupervised); response + EOS supervised.
+        assert tok.decode(s.tokens[:n_prompt]) == tok.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False)
+        assert tok.decode(s.tokens[n_prompt:-1]) == row["response"]
+        assert s.tokens[-1] == tok.eos_token_id
+        assert s.supervised[n_prompt:].all() and not s.supervised[:n_prompt].any()
+        assert not s.info_dense[:n_prompt].any() and not s.info_dense[-1]
+        assert s.selected and (s.flags & FLAG_SELECTED).all()
+        # Every dense token touches a digit; all digits of the response sit in dense tokens.
+        dense_text = "".join(tok.decode([t]) for t, d in zip(s.tokens, s.info_dense) if d)
+        plain_text = "".join(tok.decode([t]) for t, d in zip(s.tokens[n_prompt:-1], s.info_dense[n_prompt:-1])
+                             if not d)
+        for t, d in zip(s.tokens, s.info_dense):
+            if d:
+                assert re.search(r"\d", tok.decode([t])), tok.decode([t])
+        assert not re.search(r"\d", plain_text)
+        assert sorted(re.sub(r"\D", "", dense_text)) == sorted(re.sub(r"\D", "", row["response"]))
+        sup += int(s.supervised.sum())
+        dense += int(s.info_dense.sum())
+    doms = ds.index["domains"]
+    assert sum(d["supervised_tokens"] for d in doms.values()) == sup
+    assert sum(d["dense_tokens"] for d in doms.values()) == dense
+    assert np.array_equal(ds.lengths, [len(s.tokens) for s in ds])
+
+
+def test_output_is_independent_of_worker_count(tmp_path: Path):
+    inp, _ = _subset(tmp_path, n=60)
+    a = run_pipeline(_cfg(inp, tmp_path / "w1", workers=1, fractions={"math": 0.5}))
+    b = run_pipeline(_cfg(inp, tmp_path / "w2", workers=2, fractions={"math": 0.5}))
+    fa, fb = _data_files(a), _data_files(b)
+    assert fa.keys() == fb.keys() and len(fa) == 3 * 6 + 2  # 6 files per shard, index.json, lock file
+    assert fa == fb
+
+
+def _cli(args: list[str], log: Path, env_extra: dict[str, str] | None = None) -> int:
+    """Run the CLI in its own process group; afterwards kill whatever of that group is left.
+
+    A process that dies by kill -9 leaves its helpers (datatrove's multiprocess Manager) orphaned,
+    just as a real crash would; killing the group afterwards is what SLURM or Ctrl-C would do.
+    """
+    env = {**os.environ, **(env_extra or {})}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch" / "preprocess.py"), *args], cwd=REPO,
+                                env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return rc
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_byte_identical(tmp_path: Path):
+    inp, _ = _subset(tmp_path, n=90)
+    args = ["run", "--input", str(inp), "--num-shards", "3", "--workers", "1", "--extractor", "rules",
+            "--fraction", "code=0.5"]
+    crashed = tmp_path / "crashed"
+    log = tmp_path / "log.txt"
+    rc = _cli([*args, "--output", str(crashed)], log, {CRASH_ENV: "1:10"})
+    assert rc == 137, log.read_text()[-2000:]
+    assert not (crashed / INDEX_FILE).exists()
+    assert list(crashed.glob("shard_00001.*.tmp"))  # the killed shard left partial files
+    assert not (crashed / "shard_00001.json").exists() and (crashed / "shard_00000.json").exists()
+    problems = verify(crashed)
+    assert any("leftover temporary file" in p for p in problems)
+    assert any("index.json missing" in p for p in problems)
+    done_mtime = (crashed / shard_files("shard_00000")["tokens"]).stat().st_mtime_ns
+    rc = _cli([*args, "--output", str(crashed)], log)
+    assert rc == 0, log.read_text()[-2000:]
+    assert (crashed / shard_files("shard_00000")["tokens"]).stat().st_mtime_ns == done_mtime  # not redone
+    clean = tmp_path / "clean"
+    assert _cli([*args, "--output", str(clean)], log) == 0
+    assert verify(crashed) == []
+    assert _data_files(crashed) == _data_files(clean)
+
+
+def test_rejects_listed_with_location_and_strict_mode(tmp_path: Path):
+    rows = [{"id": "ok1", "domain": "math", "prompt": "1+1?", "response": "2"},
+            "{not json",
+            {"id": "nores", "domain": "math", "prompt": "x"},
+            {"id": "empty", "domain": "code", "prompt": "x", "response": " "},
+            {"id": "long", "domain": "math", "prompt": "x", "response": "word " * 200},
+            {"id": "dom", "domain": "art", "prompt": "x", "response": "y"},
+            {"id": "ok2", "domain": "code", "prompt": "f?", "response": "def f(): pass"}]
+    inp = tmp_path / "bad.jsonl"
+    inp.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    out = run_pipeline(_cfg(inp, tmp_path / "out", num_shards=2, max_length=64))
+    ds = ShardedDataset(out)
+    assert sorted(s.sample_id for s in ds) == ["ok1", "ok2"]
+    assert ds.index["rejects"] == {"empty_response": 1, "malformed_json": 1, "missing_field": 1,
+                                   "too_long": 1, "unknown_domain": 1}
+    listed = [json.loads(line) for name in ("shard_00000", "shard_00001")
+              for line in (out / shard_files(name)["rejects"]).read_text().splitlines()]
+    assert sorted((r["line"], r["reason"]) for r in listed) == [
+        (2, "malformed_json"), (3, "missing_field"), (4, "empty_response"), (5, "too_long"),
+        (6, "unknown_domain")]
+    assert all(r["file"] == "bad.jsonl" for r in listed)
+    assert len(ds) + ds.index["num_rejects"] == len(rows)  # nothing silently dropped
+    with pytest.raises(RejectError, match=r"bad.jsonl:\d+: \w+"):
+        run_pipeline(_cfg(inp, tmp_path / "strict", num_shards=2, max_length=64, strict=True))
+
+
+def test_output_is_independent_of_batch_size(tmp_path: Path):
+    """Rejects of both kinds interleaved with good records: batch boundaries must not show."""
+    inp, _ = _subset(tmp_path, n=30)
+    lines = inp.read_text(encoding="utf-8").splitlines()
+    long_row = json.dumps({"id": "long", "domain": "math", "prompt": "x", "response": "word " * 600})
+    mixed = [x for i, line in enumerate(lines) for x in (line, "{bad" if i % 4 == 0 else long_row)]
+    inp.write_text("\n".join(mixed) + "\n", encoding="utf-8")
+    a = run_pipeline(_cfg(inp, tmp_path / "b512", extractor="test-digits", max_length=512))
+    b = run_pipeline(_cfg(inp, tmp_path / "b3", extractor="test-digits", max_length=512, batch_size=3))
+    assert ShardedDataset(a).index["rejects"] == {"malformed_json": 8, "too_long": 22}
+    assert _data_files(a) == _data_files(b)
+
+
+def test_fraction_selection_and_rho(tmp_path: Path):
+    inp, rows = _subset(tmp_path)
+    cfg = _cfg(inp, tmp_path / "out", extractor="test-digits", fractions=parse_fractions("code=0,math=0.5"),
+               seed=7)
+    ds = ShardedDataset(run_pipeline(cfg))
+    ratios: dict[int, list[float]] = {}
+    for s in ds:
+        frac = {Domain.CODE: 0.0, Domain.MATH: 0.5}[Domain(s.domain)]
+        assert s.selected == fraction_selected(s.sample_id, frac, 7)
+        if not s.selected:
+            assert not s.info_dense.any() and not (s.flags & FLAG_SELECTED).any()
+        else:
+            ratios.setdefault(s.domain, []).append(s.info_dense.sum() / s.supervised.sum())
+    assert "code" not in ds.index["rho"] or ds.index["rho"]["code"] == 0.0
+    assert ds.index["domains"]["math"]["selected_samples"] == len(ratios[Domain.MATH]) > 0
+    assert ds.index["rho"]["math"] == pytest.approx(np.mean(ratios[Domain.MATH]))
+
+
+def test_idempotent_and_config_change_refused(tmp_path: Path):
+    inp, _ = _subset(tmp_path, n=30)
+    out = run_pipeline(_cfg(inp, tmp_path / "out"))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    run_pipeline(_cfg(inp, tmp_path / "out", workers=2))  # execution settings do not matter
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(ConfigMismatchError, match="different configuration"):
+        run_pipeline(_cfg(inp, tmp_path / "out", max_length=512))
+    run_pipeline(_cfg(inp, tmp_path / "out", max_length=512, overwrite=True))
+    assert ShardedDataset(out).index["config"]["max_length"] == 512 and verify(out) == []
+
+
+def test_missing_shard_is_rebuilt(tmp_path: Path):
+    inp, _ = _subset(tmp_path, n=30)
+    out = run_pipeline(_cfg(inp, tmp_path / "out"))
+    ref = _data_files(out)
+    (out / "shard_00002.json").unlink()
+    (out / shard_files("shard_00002")["flags"]).write_bytes(b"garbage")
+    run_pipeline(_cfg(inp, tmp_path / "out"))
+    assert _data_files(out) == ref
+
+
+def test_messages_input_uses_chat_template(tmp_path: Path, tok):
+    msgs = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+3?"},
+            {"role": "assistant", "content": "5"}]
+    inp = tmp_path / "chat.jsonl"
+    inp.write_text(json.dumps({"id": "c1", "conv": msgs}) + "\n")
+    out = run_pipeline(_cfg(inp, tmp_path / "out", num_shards=1, messages_field="conv", domain="math"))
+    s = ShardedDataset(out)[0]
+    n_prompt = int(np.argmax(s.supervised))
+    assert tok.decode(s.tokens[:n_prompt]) == tok.apply_chat_template(msgs[:2], add_generation_prompt=True,
+                                                                      tokenize=False)
+    assert tok.decode(s.tokens[n_prompt:]) == "5" + tok.eos_token
+
+
+def test_no_chat_template_uses_raw_prompt(tmp_path: Path, tok):
+    inp, rows = _subset(tmp_path, n=5)
+    ds = ShardedDataset(run_pipeline(_cfg(inp, tmp_path / "out", num_shards=1, use_chat_template=False)))
+    s = ds[0]
+    n_prompt = int(np.argmax(s.supervised))
+    assert tok.decode(s.tokens[:n_prompt]) == rows[s.sample_id]["prompt"]
+
+
+def test_invalid_spans_are_counted_not_fatal(tmp_path: Path):
+    inp, rows = _subset(tmp_path, n=12)
+    ds = ShardedDataset(run_pipeline(_cfg(inp, tmp_path / "out", extractor="test-broken")))
+    assert ds.index["extract_status"] == {"invalid_spans": 12, "partial": 12}
+    assert all(not s.info_dense.any() and s.flags[-1] & FLAG_SUPERVISED for s in ds)
+    assert not any((s.flags & FLAG_INFO_DENSE).any() for s in ds)
+    with pytest.raises(RejectError, match="invalid_spans"):
+        run_pipeline(_cfg(inp, tmp_path / "strict", extractor="test-broken", strict=True))
+
+
+def test_credentials_in_extractor_options_are_not_recorded():
+    opts = {"api_key": "sk-123", "model": "m"}
+    cfg = PreprocessConfig(inputs=["x"], output_dir="o", extractor_options=opts)
+    assert cfg.output_settings()["extractor_options"] == {"api_key": "<redacted>", "model": "m"}
+
+
+def test_checked_spans_matches_validate_spans():
+    from preprocess.pipeline import _checked_spans
+    from preprocess.spans import SpanError, validate_spans
+
+    text = "0123456789abcdef"
+    cases = [[], [Span(0, 2), Span(3, 5)], [Span(3, 5), Span(0, 2)], [Span(0, 3), Span(3, 5)],
+             [Span(0, 4), Span(2, 6), Span(10, 16)], [Span(0, 16)]]
+    for spans in cases:
+        assert _checked_spans(spans, text) == validate_spans(spans, text), spans
+    for bad in ([Span(0, 17)], [Span(4, 4)], [Span(-1, 2)], [Span(2, 5), Span(9, 30)]):
+        with pytest.raises(SpanError):
+            _checked_spans(bad, text)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="fractions"):
+        PreprocessConfig(inputs=["x"], output_dir="o", fractions={"math": 1.5})
+    with pytest.raises(ValueError, match="unknown domain"):
+        parse_fractions("poetry=0.1")
+    with pytest.raises(ValueError, match="partition"):
+        PreprocessConfig(inputs=["x"], output_dir="o", executor="slurm")
+    with pytest.raises(ValueError, match="num_shards"):
+        PreprocessConfig(inputs=["x"], output_dir="o", num_shards=0)
+
+
+def test_slurm_executors_are_configured_without_submitting(tmp_path: Path):
+    inp, _ = _subset(tmp_path, n=5)
+    cfg = _cfg(inp, tmp_path / "out", executor="slurm", num_shards=16,
+               slurm={"partition": "cpu", "time": "01:00:00", "cpus_per_task": 2, "mem_per_cpu_gb": 3,
+                      "job_name": "pp", "sbatch_args": {"account": "proj"}, "max_concurrent": 4})
+    merge = build_slurm_executor(cfg)
+    shards = merge.depends
+    assert merge.world_size == 1 and shards.world_size == 16
+    args = shards.get_sbatch_args(16)
+    assert args["partition"] == "cpu" and args["time"] == "01:00:00" and args["cpus-per-task"] == 2
+    assert args["mem-per-cpu"] == "3G" and args["account"] == "proj" and args["array"] == "0-15%4"
+    assert "qos" not in args  # datatrove's 'normal' QoS is not assumed
+    assert str(tmp_path / "out" / "logs" / "shards") in str(shards.logging_dir.path)
+
+
+def _wordpiece_dir(tmp_path: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    t.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    t.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    t.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]", "[SEP]"])
+    t.train_from_iterator(NON_ASCII * 20, trainer)
+    d = tmp_path / "wp"
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="[SEP]").save_pretrained(d)
+    return d
+
+
+NON_ASCII = ["Zürich → 東京 costs 12 €, so 3 ≥ 2 and naïve 45.", "Straße 7 😀 9 déjà 10 vu",
+             "plain ascii 123 here", "x=4 → y=16 (東京 2024)"]
+
+
+@pytest.mark.parametrize("family", ["bundled-byte-bpe", "wordpiece-offsets"])
+def test_batched_alignment_matches_per_sample_reference(tmp_path: Path, family):
+    """The batch-vectorised alignment in the pipeline equals align_spans sample by sample."""
+    from preprocess.align import TokenizerBundle, align_spans
+
+    tok_dir = TOKENIZER_DIR if family == "bundled-byte-bpe" else _wordpiece_dir(tmp_path)
+    inp = tmp_path / "na.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"n{i}", "domain": "math", "prompt": "Q", "response": r},
+                                      ensure_ascii=False) + "\n" for i, r in enumerate(NON_ASCII * 3)),
+                   encoding="utf-8")
+    ds = ShardedDataset(run_pipeline(_cfg(inp, tmp_path / "out", num_shards=1, extractor="test-digits",
+                                          tokenizer=str(tok_dir))))
+    method = "bytes" if family == "bundled-byte-bpe" else "offsets"
+    assert ds.index["alignment"] == {method: len(NON_ASCII) * 3}
+    bundle = TokenizerBundle(tok_dir)
+    for s in ds:
+        resp = NON_ASCII[int(s.sample_id[1:]) % len(NON_ASCII)]
+        enc = bundle.backend.encode(resp, add_special_tokens=False)
+        spans = [Span(m.start(), m.end()) for m in re.finditer(r"\d+", resp)]
+        ref = align_spans(np.array(enc.ids), enc.offsets, resp, spans, bundle.byte_table)
+        n_prompt = int(np.argmax(s.supervised))
+        assert s.tokens[n_prompt:-1].tolist() == enc.ids
+        assert s.info_dense[n_prompt:-1].tolist() == ref.dense.tolist()
+        assert ref.dense.any()
+
+
+@pytest.mark.slow
+def test_trainer_default_call_on_bundled_sample(tmp_path: Path):
+    """What the trainer runs when its cache is missing: defaults only, rules extractor, all cores."""
+    t0 = time.perf_counter()
+    out = run_pipeline(PreprocessConfig(inputs=[SAMPLE_PATH], output_dir=tmp_path / "pp", extractor="rules"))
+    assert time.perf_counter() - t0 < 60
+    assert verify(out) == []
+    ds = ShardedDataset(out)
+    assert len(ds) == 2974 and ds.index["num_rejects"] == 0
+    assert set(ds.index["rho"]) == {"code", "math"} and all(0.05 < r < 0.9 for r in ds.index["rho"].values())
+    assert ds.index["extract_status"].get("ok", 0) > 0.9 * 2974
+
+
+@pytest.mark.slow
+def test_concurrent_drivers_share_one_output(tmp_path: Path):
+    """Two processes asking for the same folder at once (e.g. two training ranks): one builds, one waits."""
+    inp, _ = _subset(tmp_path, n=40)
+    script = ("import sys\nfrom preprocess.pipeline import PreprocessConfig, run_pipeline\n"
+              "if __name__ == '__main__':\n"
+              "    run_pipeline(PreprocessConfig(inputs=[sys.argv[1]], output_dir=sys.argv[2],"
+              " extractor='none', workers=1, num_shards=3))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(inp), str(tmp_path / "shared")], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()[-2000:]
+    ref = run_pipeline(_cfg(inp, tmp_path / "ref"))
+    assert verify(tmp_path / "shared") == []
+    assert _data_files(tmp_path / "shared") == _data_files(ref)
