@@ -273,7 +273,15 @@ def stop_tokens_of(tokenizer: PreTrainedTokenizerBase, eos_token_id: int, use_ch
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], use_chat_template: bool
                    ) -> list[list[int]]:
-    """Prompts -> token ids, through the tokenizer's chat template as one user turn when it has one."""
+    """Prompts -> token ids, through the tokenizer's chat template as one user turn when it has one.
+
+    Must reproduce the prompt tokens of training (``preprocess.pipeline``): the rendered text is
+    tokenized without special tokens, and with ``use_chat_template=False`` the tokenizer's BOS id
+    (when it has one) is prepended, exactly as the preprocessor does; a model trained on
+    ``<bos> prompt`` and evaluated on ``prompt`` would see a shifted, unfamiliar context.
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    prefix = [int(bos)] if not use_chat_template and bos is not None else []
     out = []
     for p in prompts:
         if use_chat_template and getattr(tokenizer, "chat_template", None):
@@ -281,7 +289,7 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], u
                                                  tokenize=False)
         else:
             text = p
-        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        out.append(prefix + tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
 
 

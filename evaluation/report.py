@@ -64,10 +64,18 @@ def markdown_table(results: list[dict]) -> str:
         lines.append("† average over the benchmarks evaluated for that row, not all four.")
     d = results[0].get("decode", {})
     # kv_cache is left out: it gives the same tokens
-    settings = lambda r: {k: v for k, v in r.get("decode", {}).items() if k != "kv_cache"}
+    # The prompt format (chat template or not) changes what the model sees as much as decoding does.
+    settings = lambda r: ({k: v for k, v in r.get("decode", {}).items() if k != "kv_cache"},
+                          r.get("chat_template"))
     differ = [r["name"] for r in results[1:] if settings(r) != settings(results[0])]
     if differ:
         lines.append(f"Warning: decoding settings differ from the first row's for: {', '.join(differ)}.")
+    # Scores over different problem sets (e.g. one run with --limit) are not comparable.
+    subset = [c for c in cols
+              if len({r["benchmarks"][c]["n"] for r in results if c in r["benchmarks"]}) > 1]
+    if subset:
+        lines.append("Warning: rows were scored on different numbers of problems for: "
+                     + ", ".join(BENCHMARKS[c].title for c in subset) + ".")
     if d:
         lines.append(f"Decoding: gen length {d.get('gen_length')}, block {d.get('block_length')}, "
                      f"{d.get('steps_per_block')} steps/block, temperature {d.get('temperature')}, "

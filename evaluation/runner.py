@@ -70,6 +70,59 @@ class EvalConfig:
             self.name = Path(str(self.model).rstrip("/")).name or str(self.model)
 
 
+def training_settings(model: str | Path) -> dict:
+    """Block size and prompt format a trainer export was trained with, or {} when unknown.
+
+    Why: a checkpoint decoded with another block size than it was trained with, or prompted
+    with(out) the chat template when its data was built the other way, scores far below what it
+    learned, silently.  The trainer writes ``<run>/config.yaml`` beside its ``<run>/hf`` export; its
+    ``data.path`` names the shards, whose ``index.json`` says whether the chat template was used.
+    Anything missing or unreadable just leaves that setting unknown (other models have no run dir).
+    """
+    path = Path(str(model))
+    cfg_file = path.parent / "config.yaml"
+    if not (path.is_dir() and cfg_file.is_file()):
+        return {}
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    out: dict = {"config": str(cfg_file)}
+    block = (cfg.get("masking") or {}).get("block_size")
+    if isinstance(block, int) and not isinstance(block, bool):
+        out["block_size"] = block
+    data_path = (cfg.get("data") or {}).get("path")
+    if isinstance(data_path, str) and data_path:
+        for base in (Path(data_path), path.parent / data_path):
+            try:
+                index = json.loads((base / "index.json").read_text(encoding="utf-8"))
+                used = index["tokenizer"]["chat_template_used"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(used, bool):
+                out["chat_template"] = used
+                break
+    return out
+
+
+def setting_mismatches(trained: dict, block_length: int, chat_template: bool) -> list[str]:
+    """Human-readable differences between how a checkpoint was trained and how it is evaluated."""
+    out = []
+    if "block_size" in trained and trained["block_size"] != block_length:
+        out.append(f"trained with block size {trained['block_size']} but decoding with block length "
+                   f"{block_length} (pass --block-length {trained['block_size']})")
+    if "chat_template" in trained and trained["chat_template"] != chat_template:
+        how = "with" if trained["chat_template"] else "without"
+        out.append(f"trained {how} the chat template but evaluated "
+                   f"{'with' if chat_template else 'without'} it"
+                   + ("" if trained["chat_template"] else " (pass --no-chat-template)"))
+    return out
+
+
 def score_problems(problems: list[Problem], completions: list[str], limits: SandboxLimits, workers: int
                    ) -> list[dict]:
     """Score completions against their problems -> per-sample records (no timing of generation)."""
@@ -131,10 +184,14 @@ def run_evaluation(cfg: EvalConfig, *, log=print, on_benchmark=None) -> dict:
         cfg.decode.kv_cache = supports_kv_cache(model)
     layers = sandbox_layers(cfg.sandbox)
     chat = cfg.use_chat_template and bool(getattr(bundle.tokenizer, "chat_template", None))
+    trained = training_settings(cfg.model)
+    mismatches = setting_mismatches(trained, cfg.decode.block_length, chat)
+    for m in mismatches:
+        log(f"WARNING: {cfg.model}: {m}")
     results = {"format": RESULTS_FORMAT, "name": cfg.name, "model": str(cfg.model), "family": bundle.family,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "decode": asdict(cfg.decode), "batch_size": cfg.batch_size, "seed": cfg.seed,
-               "chat_template": chat,
+               "chat_template": chat, "trained": trained, "setting_mismatches": mismatches,
                "sandbox": layers,
                "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                "device": cfg.device, "dtype": cfg.dtype},

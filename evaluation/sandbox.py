@@ -27,9 +27,11 @@ The program runs with ``__name__ == "solution"`` (as in the HumanEval harness, w
 no ``__main__``): a demo ``if __name__ == "__main__":`` block in an answer is skipped.
 
 Pass/fail: the program (solution + tests) must run to its end without an exception and exit 0;
-the bootstrap then writes a random nonce (received on stdin, unknown to the program) to a private
+the bootstrap then writes a random nonce (received on stdin, not handed to the program) to a private
 duplicate of stdout.  So ``sys.exit(0)`` or ``os._exit(0)`` half way through the tests is a failure,
-not a pass.
+not a pass.  Limit: this guards against accidental early exits, not hostile code: the nonce lives
+in the same interpreter, so a program written to dig it out of memory (``__main__``, frames, gc)
+could fake a pass; it cannot escape the other layers by doing so.
 """
 
 from __future__ import annotations

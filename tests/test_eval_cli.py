@@ -67,6 +67,14 @@ def test_report_merges_runs(run_dir, tmp_path):
     other["decode"] = dict(base["decode"], gen_length=512)
     warning = "Warning: decoding settings differ from the first row's for: Partial."
     assert warning in markdown_table([base, other])
+    # A row evaluated without the chat template saw other prompts: flagged too.
+    assert warning in markdown_table([base, dict(other, decode=base["decode"], chat_template=False)])
+    # A row scored on a subset (--limit) is not comparable: flagged per benchmark.
+    subset = dict(other, decode=base["decode"])
+    subset["benchmarks"] = {"gsm8k": dict(base["benchmarks"]["gsm8k"], n=1)}
+    md = markdown_table([base, subset])
+    assert "Warning: rows were scored on different numbers of problems for: GSM8K." in md
+    assert "different numbers" not in markdown_table([base, dict(base, name="Again")])
 
 
 def test_report_rejects_foreign_json(tmp_path, capsys):
@@ -108,3 +116,26 @@ def test_sandbox_info(capsys):
     assert main(["sandbox-info"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["audit_hook"] is True and info["limits"]["memory_mb"] == 1024
+
+
+def test_training_settings_of_a_trainer_run_are_checked(tmp_path):
+    """A trainer export (<run>/hf beside <run>/config.yaml) is checked against the decode settings:
+    block size and chat template must match how it was trained, or the run says so."""
+    from evaluation.runner import setting_mismatches, training_settings
+
+    run = tmp_path / "run"
+    (run / "hf").mkdir(parents=True)
+    data = tmp_path / "shards"
+    data.mkdir()
+    (data / "index.json").write_text(json.dumps({"tokenizer": {"chat_template_used": False}}))
+    (run / "config.yaml").write_text(f"data:\n  path: {data}\nmasking:\n  block_size: 8\n")
+    trained = training_settings(run / "hf")
+    assert trained["block_size"] == 8 and trained["chat_template"] is False
+    problems = setting_mismatches(trained, 32, True)
+    assert len(problems) == 2
+    assert "--block-length 8" in problems[0] and "--no-chat-template" in problems[1]
+    assert setting_mismatches(trained, 8, False) == []
+    # Not a trainer run (hub id, bare folder, unreadable config): nothing known, nothing flagged.
+    assert training_settings("tiny") == {} and training_settings(data) == {}
+    (run / "config.yaml").write_text(":\n  - [unclosed")
+    assert training_settings(run / "hf") == {}

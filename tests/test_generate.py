@@ -246,3 +246,86 @@ def test_matches_llada2_reference_loop(tiny, threshold):
     with torch.no_grad():
         ref = [_llada2_reference(tiny.model, p, 12, 8, threshold) for p in ids]
     assert ours == ref
+
+
+# ---------------------------------------------------------------- training <-> inference consistency
+
+def _pipeline_prompts(tmp_path, tokenizer_dir, use_chat_template: bool, rows: list[dict]):
+    """Prompt tokens exactly as the preprocessor writes them to the shards (the real pipeline)."""
+    import json
+
+    import numpy as np
+
+    from preprocess.pipeline import PreprocessConfig, run_pipeline
+    from preprocess.shards import ShardedDataset
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    out = run_pipeline(PreprocessConfig(inputs=[inp], output_dir=tmp_path / f"out{int(use_chat_template)}",
+                                        tokenizer=tokenizer_dir, extractor="none", workers=1, num_shards=1,
+                                        use_chat_template=use_chat_template))
+    by_id = {}
+    for s in ShardedDataset(out):
+        by_id[s.sample_id] = s.tokens[:int(np.argmax(s.supervised))].tolist()
+    return [by_id[r["id"]] for r in rows]
+
+
+@pytest.mark.parametrize("use_chat_template", [True, False])
+def test_prompt_tokens_match_the_preprocessor(tmp_path, use_chat_template):
+    """Evaluation must feed the prompt tokens the model was trained on: chat template + generation
+    prompt when on, and ``<bos> + raw prompt`` when off (the preprocessor adds the tokenizer's BOS
+    there).  A tokenizer copy with a BOS makes the second case meaningful."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from evaluation.prompts import gsm8k_prompt, mbpp_prompt
+    from preprocess.assets import TOKENIZER_DIR
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(TOKENIZER_DIR, tok_dir)
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    cfg["bos_token"] = "<|endoftext|>"  # any id the chat template does not start with
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    assert tok.bos_token_id is not None
+    prompts = [gsm8k_prompt({"question": "Tom has 3 apples and buys 4 more. How many now?"}),
+               mbpp_prompt({"text": "Write a function to add two numbers.",
+                            "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]})]
+    rows = [{"id": f"r{i}", "domain": "math", "prompt": p, "response": "7"} for i, p in enumerate(prompts)]
+    expected = _pipeline_prompts(tmp_path, tok_dir, use_chat_template, rows)
+    assert encode_prompts(tok, prompts, use_chat_template=use_chat_template) == expected
+    assert (expected[0][0] == tok.bos_token_id) == (not use_chat_template)
+
+
+def test_decoding_forward_equals_training_noisy_half(small64):
+    """The logits generation computes for a block (clean prefix blocks + the partly masked block,
+    block-causal mask, positions from 0) equal the logits the training layout [x_t ; x_0] computes
+    for the same block: the model is evaluated exactly as it was trained."""
+    from trainer.objective import build_model_inputs
+
+    model, blk = small64.model.eval(), 8
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 4000, (n,), generator=g).tolist() for n in (13, 5)]
+    answers = [torch.randint(2, 4000, (n,), generator=g).tolist() for n in (27, 30)]
+    canvas = _layout(prompts, 35, blk, MASK, EOS, torch.device("cpu"))
+    attn = block_causal_mask(canvas.valid, blk)
+    for row, (p, a) in enumerate(zip(prompts, answers)):
+        seq = torch.tensor([p + a])
+        length = seq.shape[1]
+        off = canvas.gen_start[row] - len(p)
+        for b in range(len(p) // blk, -(-length // blk)):
+            start, end = b * blk, min((b + 1) * blk, length)
+            mask = torch.zeros(1, length, dtype=torch.bool)
+            mask[0, max(start, len(p)):end] = True
+            mask[0, max(start, len(p)):end:3] = False  # some answer tokens already decoded
+            inputs = build_model_inputs(seq, mask, MASK, "block", blk)
+            cols = slice(0, off + end)  # the canvas up to the end of block b, left padding included
+            x = canvas.x[row:row + 1, cols].clone()
+            x[0, off:] = torch.where(mask[0, :end], MASK, seq[0, :end])
+            with torch.no_grad():
+                train_logits = call_model(model, **inputs)[0, start:end]
+                infer_logits = call_model(model, input_ids=x, attention_mask=attn[row:row + 1, :, cols, cols],
+                                          position_ids=canvas.position_ids[row:row + 1, cols])
+            torch.testing.assert_close(infer_logits[0, off + start:], train_logits, rtol=0, atol=1e-9)

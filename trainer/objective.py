@@ -17,8 +17,12 @@ One training step in these terms (``make_training_batch`` then the model then ``
    * ``elbo`` (LLaDA2 report formula, ZHZisZZ/dllm ``BD3LMTrainer``): sum over masked tokens of
      CE / t, with t the block's rate (sigma, or 1 - sigma in the complementary view), divided by the
      number of supervised tokens.  This is the Monte-Carlo ELBO of the masked-diffusion model with a
-     linear schedule; its expectation per supervised token equals the mean CE, so its scale matches
-     ``masked_mean`` on average while low-rate blocks (few masked tokens) weigh more per token.
+     linear schedule.  With ``uniform`` masking (every supervised token masked with probability t)
+     its expectation per supervised token equals the mean CE, so its scale matches ``masked_mean``
+     on average while low-rate blocks (few masked tokens) weigh more per token.  With priority
+     masking a token's probability is not t (dense ones are masked more often), and t stays the
+     block's *schedule* rate on purpose: weighting by 1/P(token masked) instead would cancel the
+     priority in expectation, which is the opposite of what the paper wants.
 
 Both also return detached sums split by info-dense vs other masked tokens and the counts, so the loop
 can log the loss on info-dense vs other tokens and the realised mask rate (``n_masked / n_supervised``).
