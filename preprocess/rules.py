@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 from preprocess.rules_code import CodeRuleOptions, code_spans
-from preprocess.rules_math import MathRuleOptions, math_spans
-from preprocess.spans import Domain, ExtractInput, ExtractResult, Span, register_extractor, validate_spans
+from preprocess.rules_math import MathRuleOptions, RawSpan, math_span_tuples
+from preprocess.spans import Domain, ExtractInput, ExtractResult, Span, SpanError, register_extractor
 
 RULES_VERSION = "1.0.0"
 
@@ -44,32 +44,19 @@ _FENCE_OPEN = re.compile(
 )
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RuleOptions:
-    """Extractor options, ``get_extractor("rules", **options)``; non-defaults change ``version``."""
+@dataclass(frozen=True, kw_only=True)
+class RuleOptions(MathRuleOptions, CodeRuleOptions):
+    """Extractor options, ``get_extractor("rules", **options)``; non-defaults change ``version``.
 
-    conditions: bool = True
-    """Code: if/elif/while/assert tests, ternary tests, comprehension filters."""
-    loops: bool = True
-    """Code: ``for`` target + iterable."""
-    returns: bool = True
-    """Code: return / yield values."""
-    comparisons: bool = True
-    """Code: every comparison."""
-    assignments: bool = True
-    """Code: augmented assignments, assignments in loops, recurrences."""
-    return_definitions: bool = False
-    """Code: also the assignment computing a value returned bare (``res = f(x); return res``)."""
-    equations: bool = True
-    """Math: arithmetic with ``=`` and results."""
-    calc_annotations: bool = False
-    """Math: also mark GSM8K ``<<...>>`` calculator annotations (copies of the equation beside them)."""
-    final_answer: bool = True
-    """Math: ``#### N``, "the answer is N", ``\\boxed{}``."""
-    latex: bool = True
-    """Math: LaTeX formulas."""
-    inline_dollar: bool = True
-    """Math: ``$...$`` as inline LaTeX (pandoc rule)."""
+    One definition per option: the code options (``conditions``, ``loops``, ``returns``,
+    ``comparisons``, ``assignments``, ``return_definitions``) come from
+    :class:`~preprocess.rules_code.CodeRuleOptions` and the math ones (``equations``,
+    ``calc_annotations``, ``final_answer``, ``latex``, ``inline_dollar``) from
+    :class:`~preprocess.rules_math.MathRuleOptions`, in that order (the order of ``tag()`` and hence
+    of the ``version`` string); only the dispatch option below is the extractor's own.  An instance
+    *is* both option sets, so it is passed to the code and math rules as it is.
+    """
+
     code_prose_math: bool = False
     """Code samples: also run the math rules on the prose around fences."""
 
@@ -79,12 +66,10 @@ class RuleOptions:
                 raise TypeError(f"rules option {f.name!r} must be a bool, got {getattr(self, f.name)!r}")
 
     def code(self) -> CodeRuleOptions:
-        return CodeRuleOptions(self.conditions, self.loops, self.returns, self.comparisons, self.assignments,
-                               self.return_definitions)
+        return CodeRuleOptions(**{f.name: getattr(self, f.name) for f in fields(CodeRuleOptions)})
 
     def math(self) -> MathRuleOptions:
-        return MathRuleOptions(self.equations, self.calc_annotations, self.final_answer, self.latex,
-                               self.inline_dollar)
+        return MathRuleOptions(**{f.name: getattr(self, f.name) for f in fields(MathRuleOptions)})
 
     def tag(self) -> str:
         """Non-default options as ``name=0|1`` joined by ``,`` (empty for the defaults)."""
@@ -125,19 +110,44 @@ def find_fences(text: str) -> list[Block]:
         pos = c.end()
 
 
-def _trim(spans: list[Span], text: str) -> list[Span]:
-    """Drop whitespace at span edges: with byte-level BPE a leading space belongs to the next token
-    (`` <<``), so a span ending in a space would mark the following glue token as dense."""
-    out: list[Span] = []
+def _finish(raw: list[RawSpan], text: str) -> list[Span]:
+    """Trim, sort, check and merge the raw ``(start, end, kind)`` spans of one response.
+
+    Same result as ``validate_spans`` of the trimmed spans, but on plain tuples, which sort and
+    compare in C; ``Span`` objects are made only for the merged result (the hot path: every
+    extracted sample comes through here).
+
+    Trimming drops whitespace at span edges: with byte-level BPE a leading space belongs to the next
+    token (`` <<``), so a span ending in a space would mark the following glue token as dense.
+    """
+    spans: list[RawSpan] = []
+    for sp in raw:
+        a, b, kind = sp
+        if b <= a:
+            continue
+        if text[a].isspace() or text[b - 1].isspace():
+            while a < b and text[a].isspace():
+                a += 1
+            while b > a and text[b - 1].isspace():
+                b -= 1
+            if b > a:
+                spans.append((a, b, kind))
+        else:
+            spans.append(sp)
+    spans.sort()
+    n = len(text)
+    out: list[RawSpan] = []
     for sp in spans:
-        a, b = sp.start, sp.end
-        while a < b and text[a].isspace():
-            a += 1
-        while b > a and text[b - 1].isspace():
-            b -= 1
-        if b > a:
-            out.append(sp if (a, b) == (sp.start, sp.end) else Span(a, b, sp.kind))
-    return out
+        a, b, kind = sp
+        if not (0 <= a < b <= n):
+            raise SpanError(f"span [{a}, {b}) ({kind}) outside response of length {n}")
+        if out and a <= out[-1][1]:
+            last = out[-1]
+            if b > last[1]:
+                out[-1] = (last[0], b, last[2])
+            continue
+        out.append(sp)
+    return [Span(a, b, kind) for a, b, kind in out]
 
 
 _TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
@@ -168,8 +178,8 @@ class RuleExtractor:
         if unknown:
             raise TypeError(f"unknown {self.name} option(s) {unknown}; known: {sorted(known)}")
         self.options = RuleOptions(**{k: _as_bool(k, v) for k, v in options.items()})
-        self._code = self.options.code()
-        self._math = self.options.math()
+        # the options object is both option sets (see RuleOptions): no per-call conversion
+        self._code = self._math = self.options
         tag = self.options.tag()
         self.version = RULES_VERSION + (f"+{tag}" if tag else "")
 
@@ -189,7 +199,7 @@ class RuleExtractor:
                 domain = Domain.parse(item.domain)
             except ValueError as e:
                 raise ValueError(f"sample {item.key!r}: {e}") from None
-        spans: list[Span] = []
+        spans: list[RawSpan] = []
         unparsable = other_lang = False
         blocks = find_fences(text) if ("```" in text or "~~~" in text) else []
         if domain == Domain.CODE and not blocks:
@@ -197,7 +207,7 @@ class RuleExtractor:
         for b in blocks:
             python = b.lang in PYTHON_LANGS
             got, ok = code_spans(text[b.start:b.end], self._code, b.start, python=python)
-            spans += got
+            spans += [(s.start, s.end, s.kind) for s in got]
             if not ok:
                 # an untagged fence that is not Python is most likely console output or another
                 # language (">>> f(1)", shell): not a Python parse failure
@@ -210,11 +220,11 @@ class RuleExtractor:
             pos = 0
             for b in blocks:
                 # prose before this block (its opening fence line is glue, harmless to scan)
-                spans += math_spans(text[pos:b.start], self._math, pos)
+                spans += math_span_tuples(text[pos:b.start], self._math, pos)
                 pos = b.end
-            spans += math_spans(text[pos:], self._math, pos)
+            spans += math_span_tuples(text[pos:], self._math, pos)
         status = "unparsable_code" if unparsable else "non_python_code" if other_lang else "ok"
-        return ExtractResult(spans=validate_spans(_trim(spans, text), text), status=status)
+        return ExtractResult(spans=_finish(spans, text), status=status)
 
 
 @register_extractor("rules-code")

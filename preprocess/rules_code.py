@@ -38,7 +38,7 @@ from preprocess.spans import Span
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: RuleOptions inherits from both option sets
 class CodeRuleOptions:
     """Which code constructs count as information-dense (all on by default)."""
 
@@ -181,13 +181,31 @@ _LEAVES = (ast.Name, ast.Constant, ast.expr_context, ast.operator, ast.unaryop, 
            ast.alias, ast.JoinedStr)  # JoinedStr: f-string insides are formatting, positions unreliable <3.12
 
 
+def _leaf_types() -> frozenset[type]:
+    """Every concrete class of the ``_LEAVES`` families (``ast.Load``, ``ast.Add``, ...): node classes
+    are final, so ``type(x) in`` this set is ``isinstance(x, _LEAVES)`` at the price of one hash."""
+    out: set[type] = set()
+    todo: list[type] = list(_LEAVES)
+    while todo:
+        t = todo.pop()
+        out.add(t)
+        todo.extend(t.__subclasses__())
+    return frozenset(out)
+
+
+_LEAF_TYPES = _leaf_types()
+_AST = ast.AST
+
+
 def _children(node: ast.AST) -> list[ast.AST]:
+    """Child nodes to walk, in field order (the order spans are found in, which decides ties)."""
     out: list[ast.AST] = []
+    leaf = _LEAF_TYPES
     for name in node._fields:
         v = getattr(node, name, None)
-        if isinstance(v, list):
-            out.extend(x for x in v if isinstance(x, ast.AST) and not isinstance(x, _LEAVES))
-        elif isinstance(v, ast.AST) and not isinstance(v, _LEAVES):
+        if type(v) is list:
+            out.extend(x for x in v if isinstance(x, _AST) and type(x) not in leaf)
+        elif isinstance(v, _AST) and type(v) not in leaf:
             out.append(v)
     return out
 

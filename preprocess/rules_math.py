@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from preprocess.spans import Span
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: RuleOptions inherits from both option sets
 class MathRuleOptions:
     """Which math constructs count as information-dense (all on by default)."""
 
@@ -88,12 +88,25 @@ _INLINE_DOLLAR = re.compile(r"\$(?<![\\$]\$)(?![\s$])(?P<in>[^$\r\n]*?[^\s\\$])\
 
 def math_spans(text: str, opts: MathRuleOptions, base: int = 0) -> list[Span]:
     """Spans (shifted by ``base``) of one stretch of math prose."""
-    out: list[Span] = []
+    return [Span(a, b, k) for a, b, k in math_span_tuples(text, opts, base)]
+
+
+RawSpan = tuple[int, int, str]
+
+
+def math_span_tuples(text: str, opts: MathRuleOptions, base: int = 0) -> list[RawSpan]:
+    """:func:`math_spans` as ``(start, end, kind)`` tuples, unsorted: the rules extractor sorts and
+    merges all spans of a response at once, and plain tuples sort in C (``Span`` compares in Python)."""
+    out: list[RawSpan] = []
     add = out.append
     has_calc = "<<" in text
     calcs = [m.span() for m in _CALC_RESULT.finditer(text)] if has_calc else []
     calc_starts = [a for a, _ in calcs]
     equations: list[tuple[int, int]] = []
+    # every annotation (with or without a result after it), once per text: equations are cut
+    # around them by bisection instead of a regex scan per equation
+    cuts = [m.span() for m in _CALC_ONLY.finditer(text)] if has_calc and not opts.calc_annotations else []
+    cut_starts = [a for a, _ in cuts]
     if opts.equations and "=" in text:
         for m in _EQUATION.finditer(text):
             s, e = m.span()
@@ -102,49 +115,49 @@ def math_spans(text: str, opts: MathRuleOptions, base: int = 0) -> list[Span]:
                 continue  # the arithmetic inside an annotation: handled with the annotation below
             equations.append((s, e))
             if not opts.calc_annotations and has_calc:
-                _add_without_calc(out, text, s, e, base, "equation")
+                _add_without_calc(out, cuts, cut_starts, s, e, base, "equation")
             else:
-                add(Span(base + s, base + e, "equation"))
+                add((base + s, base + e, "equation"))
     eq_starts = [s for s, _ in equations]
     for a, b in calcs:
         close = text.index(">>", a) + 2
         if opts.calc_annotations:
-            add(Span(base + a, base + b, "calc"))
+            add((base + a, base + b, "calc"))
             continue
         if not opts.equations:
             continue
-        add(Span(base + close, base + b, "calc"))  # the result written after the annotation
+        add((base + close, base + b, "calc"))  # the result written after the annotation
         k = bisect_left(eq_starts, a) - 1  # the last equation starting before the annotation
         if k < 0 or equations[k][1] < close:
             # no written-out equation leads to it ("twice as many = <<2*5=10>>10"): the operation
             # appears only inside the annotation, so mark it there
             if close - 2 > a + 2:
-                add(Span(base + a + 2, base + close - 2, "calc"))
+                add((base + a + 2, base + close - 2, "calc"))
     if opts.final_answer:
         if "####" in text:
             for m in _HASH_ANSWER.finditer(text):
                 if m.end("ans") > m.start("ans") and _at_line_start(text, m.start()):
-                    add(Span(base + m.start("ans"), base + m.end("ans"), "final_answer"))
+                    add((base + m.start("ans"), base + m.end("ans"), "final_answer"))
         if "nswer" in text or "NSWER" in text:
             for m in _SAYS_ANSWER.finditer(text):
-                add(Span(base + m.start("ans"), base + m.end("ans"), "final_answer"))
+                add((base + m.start("ans"), base + m.end("ans"), "final_answer"))
         if "\\boxed" in text or "\\fbox" in text:
             closing = _brace_pairs(text)
             for m in _BOXED.finditer(text):
                 close = closing.get(m.end() - 1)
                 if close is not None and close > m.end():
-                    add(Span(base + m.end(), base + close, "final_answer"))
+                    add((base + m.end(), base + close, "final_answer"))
     if opts.latex:
         if "\\" in text or "$$" in text:
             _latex_blocks(text, base, out)
         if opts.inline_dollar and not has_calc and "$" in text:
             # GSM8K-style texts (calculator annotations) use $ for prices only
             for m in _INLINE_DOLLAR.finditer(text):
-                add(Span(base + m.start("in"), base + m.end("in"), "latex"))
+                add((base + m.start("in"), base + m.end("in"), "latex"))
     return out
 
 
-def _latex_blocks(text: str, base: int, out: list[Span]) -> None:
+def _latex_blocks(text: str, base: int, out: list[RawSpan]) -> None:
     """Insides of ``$$..$$``, ``\\[..\\]``, ``\\(..\\)`` and display environments.
 
     ``str.find`` instead of a lazy ``.+?`` regex: an opener with no closer ends the search for its
@@ -158,7 +171,7 @@ def _latex_blocks(text: str, base: int, out: list[Span]) -> None:
             if end < 0:
                 break
             if end > start:
-                out.append(Span(base + start, base + end, "latex"))
+                out.append((base + start, base + end, "latex"))
             pos = text.find(opener, end + len(closer))
     if "\\begin{" in text:
         unclosed: set[str] = set()  # same argument as above, per environment name
@@ -170,7 +183,7 @@ def _latex_blocks(text: str, base: int, out: list[Span]) -> None:
             if end < 0:
                 unclosed.add(closer)
             elif end > m.end():
-                out.append(Span(base + m.end(), base + end, "latex"))
+                out.append((base + m.end(), base + end, "latex"))
 
 
 def _at_line_start(text: str, i: int) -> bool:
@@ -181,15 +194,24 @@ def _at_line_start(text: str, i: int) -> bool:
     return j < 0 or text[j] in "\r\n"
 
 
-def _add_without_calc(out: list[Span], text: str, s: int, e: int, base: int, kind: str) -> None:
-    """Add ``[s, e)`` minus the ``<<...>>`` annotations inside it (``calc_annotations=False``)."""
+def _add_without_calc(out: list[RawSpan], cuts: list[tuple[int, int]], cut_starts: list[int], s: int, e: int,
+                      base: int, kind: str) -> None:
+    """Add ``[s, e)`` minus the ``<<...>>`` annotations inside it (``calc_annotations=False``).
+
+    ``cuts`` are all annotations of the text in order; those lying wholly inside ``[s, e)`` are
+    exactly what a regex scan of the window would find (an annotation holds no ``<`` or ``>``, so a
+    window cannot start inside one and match differently).
+    """
     pos = s
-    for c in _CALC_ONLY.finditer(text, s, e):
-        if c.start() > pos:
-            out.append(Span(base + pos, base + c.start(), kind))
-        pos = c.end()
+    for k in range(bisect_left(cut_starts, s), len(cuts)):
+        a, b = cuts[k]
+        if b > e:
+            break
+        if a > pos:
+            out.append((base + pos, base + a, kind))
+        pos = b
     if e > pos:
-        out.append(Span(base + pos, base + e, kind))
+        out.append((base + pos, base + e, kind))
 
 
 def _brace_pairs(text: str) -> dict[int, int]:

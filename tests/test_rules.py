@@ -150,3 +150,48 @@ def test_span_edges_do_not_leak_onto_leading_space_tokens():
     dense = [text[a:b] for a, b in enc["offset_mapping"] if any(a < s.end and b > s.start for s in res.spans)]
     assert "".join(dense).replace(" ", "") == "48/2=24"
     assert " <<" not in dense and "<<" not in dense
+
+
+# sha256 over [id, status, spans] of every bundled sample, recorded with the rules as they were
+# before the hot path moved to tuples (_finish, math_span_tuples, annotation cuts by bisection):
+# the optimisations must not move a single span.
+_SAMPLE_SPAN_DIGESTS = {
+    "": "533f694667ea9dbcf1f8b47476ccfa9733faa1290fae8a34ef82970e7b8a6585",
+    "return_definitions=1,calc_annotations=1,code_prose_math=1":
+        "1a75b90c4d626b5d1760f12b98651f533ec264b52b5fed4f45ab51a5d7d2345f",
+}
+
+
+@pytest.mark.parametrize("tag", sorted(_SAMPLE_SPAN_DIGESTS))
+def test_spans_on_bundled_sample_unchanged(tag: str) -> None:
+    import hashlib
+
+    opts = {kv.split("=")[0]: kv.endswith("=1") for kv in tag.split(",")} if tag else {}
+    ex = get_extractor("rules", **opts)
+    assert ex.version == RULES_VERSION + (f"+{tag}" if tag else "")
+    rows = [json.loads(line) for line in SAMPLE_PATH.read_text(encoding="utf-8").split("\n") if line.strip()]
+    items = [ExtractInput(r["id"], r["prompt"], r["response"], r["domain"]) for r in rows]
+    h = hashlib.sha256()
+    for it, res in zip(items, ex.extract_batch(items), strict=True):
+        h.update(json.dumps([it.key, res.status, [(s.start, s.end, s.kind) for s in res.spans]]).encode())
+    assert h.hexdigest() == _SAMPLE_SPAN_DIGESTS[tag]
+
+
+def test_rule_options_one_definition_per_option() -> None:
+    """RuleOptions is the code and math option sets plus its own dispatch option, in version order."""
+    from dataclasses import fields
+
+    from preprocess.rules import RuleOptions
+    from preprocess.rules_code import CodeRuleOptions
+    from preprocess.rules_math import MathRuleOptions
+
+    names = [f.name for f in fields(RuleOptions)]
+    assert names == [f.name for f in fields(CodeRuleOptions)] + [f.name for f in fields(MathRuleOptions)] \
+        + ["code_prose_math"]
+    o = RuleOptions(loops=False, latex=False)
+    assert isinstance(o, CodeRuleOptions) and isinstance(o, MathRuleOptions)
+    assert o.code() == CodeRuleOptions(loops=False) and o.math() == MathRuleOptions(latex=False)
+    assert o.tag() == "loops=0,latex=0"
+    assert get_extractor("rules", loops="0", latex=False).version == RULES_VERSION + "+loops=0,latex=0"
+    with pytest.raises(TypeError, match="loops"):
+        RuleOptions(loops="no")

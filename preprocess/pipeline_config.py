@@ -1,0 +1,193 @@
+"""Preprocessing configuration: what is written (fingerprinted) and how it is executed.
+
+Split from :mod:`preprocess.pipeline` (which re-exports everything here): the trainer, the CLI and
+the SLURM scripts only need these definitions, and the fingerprint must be computable by the
+driver, the shard tasks and the merge step alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preprocess.assets import TOKENIZER_DIR
+from preprocess.records import FieldMap, Source
+from preprocess.shards import FORMAT_NAME, FORMAT_VERSION
+from preprocess.spans import Domain
+
+
+class RejectError(RuntimeError):
+    """Raised in ``strict`` mode at the first rejected record, naming its file, line and reason."""
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output folder already holds shards made with a different configuration."""
+
+
+@dataclass(kw_only=True)
+class SlurmOptions:
+    """Options passed to datatrove's ``SlurmPipelineExecutor`` (one array job + a merge job)."""
+
+    partition: str | None = None
+    """SLURM partition; required when executor == 'slurm'."""
+    time: str = "04:00:00"
+    """Wall-clock limit per array task."""
+    cpus_per_task: int = 1
+    """One shard per task uses one core for Python work (plus tokenizer threads)."""
+    mem_per_cpu_gb: int = 4
+    """Memory is flat in input size (streaming); 4 GB covers tokenizer + extractor."""
+    job_name: str = "dm-preprocess"
+    qos: str | None = None
+    """QoS name, or None to omit the directive (datatrove's default 'normal' is not universal)."""
+    max_concurrent: int = -1
+    """At most this many array tasks at once (-1: no limit)."""
+    venv_path: str | None = None
+    """``source``d in the job script before running (a venv's bin/activate)."""
+    env_command: str | None = None
+    """Any other shell line to prepare the environment (overrides venv_path)."""
+    sbatch_args: dict[str, str] = field(default_factory=dict)
+    """Extra ``#SBATCH --key=value`` lines (account, constraint, ...)."""
+    logging_dir: str | None = None
+    """datatrove logs/markers (default: <output_dir>/logs); must be on a shared file system."""
+
+
+@dataclass(kw_only=True)
+class PreprocessConfig:
+    """Everything that decides what is written, plus how it is executed.
+
+    Output-defining fields enter ``output_fingerprint``; execution fields (workers, executor, slurm,
+    strict, batch_size) do not, so changing them never invalidates finished shards.
+    """
+
+    inputs: list[str | Path]
+    """JSONL (plain/.gz/.bz2/.xz/.zst), Parquet files, directories of them, globs, or saved HF datasets."""
+    output_dir: str | Path
+    tokenizer: str | Path = TOKENIZER_DIR
+    """HF tokenizer name or folder (must be a fast tokenizer)."""
+    extractor: str = "rules"
+    """Registered extractor name (``rules``, ``llm``, ``none``)."""
+    extractor_options: dict[str, Any] = field(default_factory=dict)
+    fractions: dict[str, float] = field(default_factory=dict)
+    """Extracted share per domain name (``code``/``math``/``other``); missing domains use 1.0."""
+    seed: int = 0
+    """Seed of the hash-based fraction selection."""
+    max_length: int = 2048
+    """Samples with more tokens (prompt + response + EOS) are rejected as ``too_long``."""
+    num_shards: int = 8
+    """Fixed shard count: output is identical for any number of workers."""
+    workers: int = -1
+    """Concurrent local tasks (-1: min(num_shards, CPU count))."""
+    executor: str = "local"
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    strict: bool = False
+    """Fail at the first rejected record instead of listing it in the rejects report."""
+    use_chat_template: bool = True
+    """Wrap the prompt as a user turn with the tokenizer's chat template (add_generation_prompt)."""
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str | None = None
+    domain_field: str | None = "domain"
+    domain: str | None = None
+    """Domain for every record (overrides ``domain_field``)."""
+    id_field: str | None = "id"
+    hf_split: str = "train"
+    """Split used when an input is a saved ``DatasetDict``."""
+    batch_size: int = 512
+    """Records per tokenizer/extractor batch."""
+    overwrite: bool = False
+    """Delete shards made with a different configuration instead of refusing to run."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, (str, Path)):
+            self.inputs = [self.inputs]
+        if not self.inputs:
+            raise ValueError("inputs: at least one input is required")
+        self.output_dir = Path(self.output_dir)
+        if self.num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {self.num_shards}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.executor not in ("local", "slurm"):
+            raise ValueError(f"executor must be 'local' or 'slurm', got {self.executor!r}")
+        if isinstance(self.slurm, dict):
+            self.slurm = SlurmOptions(**self.slurm)
+        if self.executor == "slurm" and not self.slurm.partition:
+            raise ValueError("slurm.partition is required with executor='slurm'")
+        if isinstance(self.fractions, str):
+            self.fractions = parse_fractions(self.fractions)
+        for name, frac in self.fractions.items():
+            Domain.parse(name)
+            if not 0.0 <= float(frac) <= 1.0:
+                raise ValueError(f"fractions[{name!r}] = {frac} outside [0, 1]")
+        if self.domain is not None:
+            Domain.parse(self.domain)
+
+    @property
+    def fields(self) -> FieldMap:
+        return FieldMap(prompt=self.prompt_field, response=self.response_field, messages=self.messages_field,
+                        domain_field=self.domain_field, domain=self.domain, id_field=self.id_field)
+
+    def fraction_for(self, domain: Domain) -> float:
+        return float({Domain.parse(k): v for k, v in self.fractions.items()}.get(domain, 1.0))
+
+    @property
+    def logging_dir(self) -> Path:
+        return Path(self.slurm.logging_dir) if self.slurm.logging_dir else Path(self.output_dir) / "logs"
+
+    def output_settings(self) -> dict[str, Any]:
+        """The fields that decide the output bytes (recorded in index.json and fingerprinted)."""
+        return {
+            "inputs": [str(p) for p in self.inputs],
+            "tokenizer": str(self.tokenizer),
+            "extractor": self.extractor,
+            "extractor_options": {k: ("<redacted>" if _SECRET.search(k) else v)
+                                  for k, v in sorted(self.extractor_options.items())},
+            "fractions": {Domain.parse(k).name.lower(): float(v) for k, v in sorted(self.fractions.items())},
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "num_shards": self.num_shards,
+            "use_chat_template": self.use_chat_template,
+            "fields": asdict(self.fields),
+            "hf_split": self.hf_split,
+        }
+
+
+# Extractor options that look like credentials never reach index.json or manifests.
+_SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
+
+
+def parse_fractions(text: str) -> dict[str, float]:
+    """``"code=0.1,math=0.5"`` -> ``{"code": 0.1, "math": 0.5}`` with clear errors."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--fraction item {part!r}: expected domain=value")
+        out[Domain.parse(name).name.lower()] = float(value)
+    return out
+
+
+def _source_identity(src: Source) -> list[Any]:
+    """Name + size: stable across machines and copies, changes when a file is replaced."""
+    if src.path.is_dir():
+        size = sum(p.stat().st_size for p in sorted(src.path.rglob("*")) if p.is_file())
+    else:
+        size = src.path.stat().st_size
+    return [src.name, src.kind, size]
+
+
+def output_fingerprint(cfg: PreprocessConfig, sources: list[Source], tokenizer_fp: str,
+                       extractor: tuple[str, str]) -> str:
+    settings = cfg.output_settings()
+    settings.pop("inputs")
+    settings.pop("tokenizer")
+    payload = {"format": [FORMAT_NAME, FORMAT_VERSION], "settings": settings,
+               "sources": [_source_identity(s) for s in sources], "tokenizer": tokenizer_fp,
+               "extractor": list(extractor)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]

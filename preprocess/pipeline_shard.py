@@ -1,0 +1,336 @@
+"""One shard task's work: read -> tokenize -> extract -> align -> write, batch by batch.
+
+This is the hot path of the pipeline.  Everything per batch is vectorised (one ``encode_batch``
+call, one flags array, one alignment pass over the whole batch, one ``ShardWriter.add_batch``), so
+the per-record Python work is a few list operations; see :meth:`ShardJob.extract_and_write`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preprocess.align import (
+    AlignmentError,
+    TokenizerBundle,
+    TokenizerSpec,
+    align_spans,
+    char_to_byte_positions,
+    mark_overlaps,
+    spans_to_arrays,
+)
+from preprocess.pipeline_config import PreprocessConfig, RejectError, output_fingerprint
+from preprocess.records import (
+    INVALID_SPANS,
+    TOO_LONG,
+    ReadStats,
+    Record,
+    Reject,
+    expand_inputs,
+    iter_records,
+    shard_plan,
+)
+from preprocess.shards import FLAG_INFO_DENSE, FLAG_SELECTED, FLAG_SUPERVISED, ShardWriter
+from preprocess.spans import Domain, ExtractInput, SpanError, fraction_selected, get_extractor, validate_spans
+
+CRASH_ENV = "DM_PREPROCESS_CRASH_AFTER"  # test hook: "<shard>:<samples>" -> os._exit(137) mid-shard
+
+
+@dataclass
+class DomainCounts:
+    """Deterministic per-domain counters of one shard (summed by the merge step)."""
+
+    samples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    dense_tokens: int = 0
+    selected_samples: int = 0
+    selected_supervised_tokens: int = 0
+    selected_dense_tokens: int = 0
+    selected_ratio_sum: float = 0.0  # sum over selected samples of dense/supervised (paper's rho)
+
+    def add(self, other: dict[str, Any]) -> None:
+        for k, v in other.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+def _batched(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    it = iter(it)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(name_or_path: str, use_chat_template: bool) -> TokenizerBundle:
+    """One tokenizer per process and setting: worker processes run several shard tasks each."""
+    return TokenizerBundle(name_or_path, use_chat_template)
+
+
+class ShardJob:
+    """Processes one shard; holds the tokenizer, extractor and counters."""
+
+    def __init__(self, cfg: PreprocessConfig, shard: int, spec: TokenizerSpec) -> None:
+        self.cfg = cfg
+        self.shard = shard
+        self.tok = spec
+        self.extractor = get_extractor(cfg.extractor, **cfg.extractor_options)
+        self.sources = expand_inputs(cfg.inputs, cfg.hf_split)
+        self.fingerprint = output_fingerprint(cfg, self.sources, self.tok.fingerprint(),
+                                              (self.extractor.name, self.extractor.version))
+        self.domains: dict[int, DomainCounts] = {}
+        self.rejects: Counter[str] = Counter()
+        self.extract_status: Counter[str] = Counter()
+        self.alignment: Counter[str] = Counter()
+        self.unmatched_spans = 0
+        self.read = ReadStats()
+        self.fractions = {d: cfg.fraction_for(d) for d in Domain}
+        bos = self.tok.bos_id
+        self.bos = [] if cfg.use_chat_template or bos is None else [bos]
+        crash = os.environ.get(CRASH_ENV, "")
+        c_shard, _, c_after = crash.partition(":")
+        self.crash_after = int(c_after) if crash and int(c_shard) == shard else -1
+
+    def records(self) -> Iterator[Record | Reject]:
+        for j, part, nparts in shard_plan(len(self.sources), self.cfg.num_shards, self.shard):
+            yield from iter_records(self.sources[j], self.cfg.fields, part, nparts, self.read)
+
+    def write_rejects(self, writer: ShardWriter, pending: list[tuple[int, Reject]]) -> None:
+        """Write a batch's rejects in input order, so the report does not depend on the batch size."""
+        for _, rej in sorted(pending, key=lambda pr: pr[0]):
+            if self.cfg.strict:
+                raise RejectError(f"{rej.source}:{rej.line}: {rej.reason}"
+                                  f"{f' (field {rej.field!r})' if rej.field else ''}: {rej.detail}")
+            self.rejects[rej.reason] += 1
+            writer.add_reject(rej.to_json())
+
+    def run(self) -> dict[str, Any]:
+        folder = Path(self.cfg.output_dir)
+        writer = ShardWriter(folder, self.shard, self.tok.vocab_size)
+        try:
+            for batch in _batched(self.records(), self.cfg.batch_size):
+                self.process_batch(writer, batch)
+            return writer.finish(self.manifest_extra())
+        except BaseException:
+            writer.abort()
+            raise
+
+    def process_batch(self, writer: ShardWriter, batch: list[Record | Reject]) -> None:
+        recs: list[Record] = []
+        positions: list[int] = []
+        pending: list[tuple[int, Reject]] = []  # (position in batch, reject)
+        for pos, item in enumerate(batch):
+            if isinstance(item, Reject):
+                pending.append((pos, item))
+            else:
+                recs.append(item)
+                positions.append(pos)
+        if self.cfg.strict and pending:
+            self.write_rejects(writer, pending)  # raises at the first one
+        if recs:
+            self.extract_and_write(writer, recs, positions, pending)
+        self.write_rejects(writer, pending)
+        if 0 <= self.crash_after <= writer.num_samples:
+            os._exit(137)  # test hook: die like kill -9, leaving temporary files behind
+
+    def extract_and_write(self, writer: ShardWriter, recs: list[Record], positions: list[int],
+                          pending: list[tuple[int, Reject]]) -> None:
+        """Tokenize first (too-long samples are rejected before anyone pays to extract them), then
+        extract the selected fraction, then build flags and write -- all vectorised over the batch
+        (one encode_batch call, one flags array, one alignment pass), so per-sample Python work
+        stays a few list operations: this is what keeps the pipeline close to raw tokenizer speed.
+        """
+        n_rec = len(recs)
+        texts = [self.tok.render_prompt(r.prompt, r.messages) for r in recs] + [r.response for r in recs]
+        encs = self.tok.backend.encode_batch(texts, add_special_tokens=False)
+        bos, eos, max_len = self.bos, self.tok.eos_id, self.cfg.max_length
+        keep: list[int] = []
+        ids: list[int] = []
+        p_lens: list[int] = []
+        r_lens: list[int] = []
+        for i in range(n_rec):
+            p_ids = encs[i].ids
+            r_ids = encs[n_rec + i].ids
+            n_p = len(bos) + len(p_ids)
+            n = n_p + len(r_ids) + 1
+            if n > max_len:
+                r = recs[i]
+                pending.append((positions[i], Reject(r.source, r.line, TOO_LONG,
+                                                     f"{n} tokens > max_length {max_len}", None, r.key)))
+                continue
+            keep.append(i)
+            ids += bos
+            ids += p_ids
+            ids += r_ids
+            ids.append(eos)
+            p_lens.append(n_p)
+            r_lens.append(len(r_ids))
+        if not keep:
+            return
+        selected = [False] * n_rec
+        for i in keep:
+            r = recs[i]
+            selected[i] = fraction_selected(r.key, self.fractions[r.domain], self.cfg.seed)
+        spans = self.extract(recs, [i for i in keep if selected[i]])
+        p_len = np.array(p_lens, dtype=np.int64)
+        r_len = np.array(r_lens, dtype=np.int64)
+        lens = p_len + r_len + 1
+        starts = np.cumsum(lens) - lens
+        tokens = np.array(ids, dtype=np.int64)
+        sample_of = np.repeat(np.arange(len(keep)), lens)
+        pos = np.arange(len(tokens)) - starts[sample_of]
+        flags = np.where(pos >= p_len[sample_of], FLAG_SUPERVISED, 0).astype(np.uint8)
+        sel = np.array([selected[i] for i in keep], dtype=bool)
+        flags |= np.where(sel, FLAG_SELECTED, 0).astype(np.uint8)[sample_of]
+        with_spans = [k for k, i in enumerate(keep) if spans[i]]
+        n_dense = np.zeros(len(keep), dtype=np.int64)
+        if with_spans:
+            dense_pos = self.align_batch(recs, keep, spans, encs, n_rec, with_spans, tokens, starts + p_len,
+                                         r_len)
+            flags[dense_pos] |= FLAG_INFO_DENSE
+            n_dense = np.bincount(sample_of[dense_pos], minlength=len(keep))
+        domains = [int(recs[i].domain) for i in keep]
+        writer.add_batch(tokens, flags, lens, domains, [recs[i].key for i in keep])
+        # Per-domain counters, sample by sample in input order so float sums do not depend on batching.
+        for k, dom in enumerate(domains):
+            d = self.domains.get(dom)
+            if d is None:
+                d = self.domains[dom] = DomainCounts()
+            n_sup = r_lens[k] + 1
+            nd = int(n_dense[k])
+            d.samples += 1
+            d.tokens += int(lens[k])
+            d.supervised_tokens += n_sup
+            d.dense_tokens += nd
+            if sel[k]:
+                d.selected_samples += 1
+                d.selected_supervised_tokens += n_sup
+                d.selected_dense_tokens += nd
+                d.selected_ratio_sum += nd / n_sup
+
+    def extract(self, recs: list[Record], chosen: list[int]) -> list[list]:
+        """Validated, merged spans per record (empty for records not in ``chosen``)."""
+        spans: list[list] = [[] for _ in recs]
+        if not chosen:
+            return spans
+        inputs = [ExtractInput(recs[i].key, _plain_prompt(recs[i]), recs[i].response, recs[i].domain)
+                  for i in chosen]
+        results = self.extractor.extract_batch(inputs)
+        if len(results) != len(inputs):
+            raise RuntimeError(f"extractor {self.extractor.name!r} returned {len(results)} results "
+                               f"for {len(inputs)} inputs")
+        for i, res in zip(chosen, results):
+            self.extract_status[res.status] += 1
+            self.unmatched_spans += res.unmatched
+            try:
+                spans[i] = _checked_spans(res.spans, recs[i].response)
+            except SpanError as e:
+                if self.cfg.strict:
+                    raise RejectError(f"{recs[i].source}:{recs[i].line}: {INVALID_SPANS}: {e}") from e
+                self.extract_status[INVALID_SPANS] += 1
+        return spans
+
+    def align_batch(self, recs: list[Record], keep: list[int], spans: list[list], encs: list, n_rec: int,
+                    with_spans: list[int], tokens: np.ndarray, r_start: np.ndarray,
+                    r_len: np.ndarray) -> np.ndarray:
+        """Global token positions that overlap a span, for the kept samples listed in ``with_spans``.
+
+        Byte-level tokenizers: all response tokens of the batch are laid end to end in one byte
+        coordinate system (cumulative exact byte lengths); each sample's spans are shifted into it
+        and one ``mark_overlaps`` call marks the whole batch.  A sample whose byte lengths do not add
+        up to its UTF-8 length (normalising tokenizer, added tokens) uses validated offsets instead.
+        """
+        table = self.tok.byte_table
+        out: list[np.ndarray] = []
+        fallback = with_spans
+        if table is not None:
+            ws = np.array(with_spans, dtype=np.int64)
+            seg_len = r_len[ws]
+            # Global token positions of the response tokens of those samples, end to end.
+            seg_first = np.cumsum(seg_len) - seg_len
+            seg_pos = np.repeat(r_start[ws] - seg_first, seg_len) + np.arange(int(seg_len.sum()))
+            seg_tok = tokens[seg_pos]
+            if int(seg_tok.max()) < len(table):
+                blen = table[seg_tok]
+                cum = np.cumsum(blen)
+                seg_end = np.cumsum(seg_len) - 1
+                seg_base = cum[seg_end] - np.add.reduceat(blen, seg_end - seg_len + 1)
+                totals = cum[seg_end] - seg_base
+                ss_all: list[np.ndarray] = []
+                se_all: list[np.ndarray] = []
+                fallback = []
+                for j, k in enumerate(with_spans):
+                    resp = recs[keep[k]].response
+                    ascii_only = resp.isascii()
+                    n_bytes = len(resp) if ascii_only else len(resp.encode("utf-8"))
+                    if int(totals[j]) != n_bytes:
+                        fallback.append(k)
+                        continue
+                    ss, se = spans_to_arrays(spans[keep[k]])
+                    if not ascii_only:
+                        cpos = char_to_byte_positions(resp)
+                        ss, se = cpos[ss], cpos[se]
+                    base = int(seg_base[j])
+                    ss_all.append(ss + base)
+                    se_all.append(se + base)
+                self.alignment["bytes"] += len(with_spans) - len(fallback)
+                if ss_all:
+                    hit = mark_overlaps(cum - blen, cum, np.concatenate(ss_all), np.concatenate(se_all))
+                    out.append(seg_pos[hit])
+        for k in fallback:
+            i = keep[k]
+            r = recs[i]
+            a, n = int(r_start[k]), int(r_len[k])
+            try:
+                res = align_spans(tokens[a:a + n], encs[n_rec + i].offsets, r.response, spans[i], None)
+            except AlignmentError as e:
+                if self.cfg.strict:
+                    raise RejectError(f"{r.source}:{r.line}: alignment failed: {e}") from e
+                self.alignment["error"] += 1
+                continue
+            self.alignment[res.method] += 1
+            out.append(a + np.flatnonzero(res.dense))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def manifest_extra(self) -> dict[str, Any]:
+        plan = shard_plan(len(self.sources), self.cfg.num_shards, self.shard)
+        return {
+            "config_fingerprint": self.fingerprint,
+            "tokenizer": self.tok.info(),
+            "extractor": {"name": self.extractor.name, "version": self.extractor.version},
+            "inputs": [{"source": self.sources[j].name, "part": p, "nparts": k} for j, p, k in plan],
+            "stats": {
+                "domains": {Domain(k).name.lower(): asdict(v) for k, v in sorted(self.domains.items())},
+                "rejects": dict(sorted(self.rejects.items())),
+                "extract_status": dict(sorted(self.extract_status.items())),
+                "alignment": dict(sorted(self.alignment.items())),
+                "unmatched_spans": self.unmatched_spans,
+                "records_read": self.read.seen,
+                "blank_lines": self.read.blank_lines,
+            },
+        }
+
+
+def _checked_spans(spans: list, response: str) -> list:
+    """``validate_spans`` semantics, with a fast path for spans that are already sorted, disjoint,
+    non-touching and in bounds (what well-behaved extractors return): one pass, no sorting."""
+    n, prev_end = len(response), -1
+    for s in spans:
+        if not (0 <= s.start < s.end <= n) or s.start <= prev_end:
+            return validate_spans(spans, response)  # raises, or sorts and merges
+        prev_end = s.end
+    return list(spans)
+
+
+def _plain_prompt(r: Record) -> str:
+    if r.prompt is not None:
+        return r.prompt
+    users = [m["content"] for m in (r.messages or []) if m["role"] == "user"]
+    return users[-1] if users else ""
