@@ -276,15 +276,17 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], u
     """Prompts -> token ids, through the tokenizer's chat template as one user turn when it has one.
 
     Must reproduce the prompt tokens of training (``preprocess.pipeline``): the rendered text is
-    tokenized without special tokens, and with ``use_chat_template=False`` the tokenizer's BOS id
-    (when it has one) is prepended, exactly as the preprocessor does; a model trained on
-    ``<bos> prompt`` and evaluated on ``prompt`` would see a shifted, unfamiliar context.
+    tokenized without special tokens, and when no chat template is applied (not asked for, or
+    absent) the tokenizer's BOS id (when it has one) is prepended, exactly as the preprocessor
+    does; a model trained on ``<bos> prompt`` and evaluated on ``prompt`` would see a shifted,
+    unfamiliar context.
     """
+    templated = use_chat_template and bool(getattr(tokenizer, "chat_template", None))
     bos = getattr(tokenizer, "bos_token_id", None)
-    prefix = [int(bos)] if not use_chat_template and bos is not None else []
+    prefix = [int(bos)] if not templated and bos is not None else []
     out = []
     for p in prompts:
-        if use_chat_template and getattr(tokenizer, "chat_template", None):
+        if templated:
             text = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                  tokenize=False)
         else:

@@ -93,7 +93,9 @@ class ShardJob:
         self.read = ReadStats()
         self.fractions = {d: cfg.fraction_for(d) for d in Domain}
         bos = self.tok.bos_id
-        self.bos = [] if cfg.use_chat_template or bos is None else [bos]
+        # BOS only where no chat template is actually applied (asked for AND present); evaluation's
+        # encode_prompts follows the same rule (tests/test_generate.py pins the parity).
+        self.bos = [] if self.tok.use_chat_template or bos is None else [bos]
         crash = os.environ.get(CRASH_ENV, "")
         c_shard, _, c_after = crash.partition(":")
         self.crash_after = int(c_after) if crash and int(c_shard) == shard else -1
