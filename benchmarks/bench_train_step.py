@@ -10,8 +10,9 @@ loader (memmap read + padding, CPU), host-to-device copy, mask sampling + input 
 (``make_training_batch``), forward + backward + optimizer (``engine``).  Printed side by side:
 the share of each part in the step, the loader's rate against the step's rate (how far data loading
 is from stalling the step), and model-input tokens/s; then the same for the uniform-masking
-baseline (w = 1) and the full layout, measured in the same process on the batches that follow
-(medians over many micro-batches, so batch lengths average out).
+baseline (w = 1), the full layout, and the block layout with the LM head on all 2L positions
+(without ``logits_to_keep``), measured in the same process on the batches that follow (medians over
+many micro-batches, so batch lengths average out).
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(trainer, masking, layout: str, steps: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds per micro-batch of each part, plus tokens/s over the measured steps."""
+def measure(trainer, masking, layout: str, steps: int, warmup: int,
+            keep_noisy: bool = True) -> dict[str, float]:
+    """Median milliseconds per micro-batch of each part, plus tokens/s over the measured steps.
+
+    ``keep_noisy``: the trainer's LM head on the noisy half only (block layout); False = all 2L logits.
+    """
     parts: dict[str, list[float]] = {"loader": [], "to_device": [], "mask": [], "fwd_bwd_step": []}
     tokens = 0
     total = 0.0
@@ -51,10 +56,12 @@ def measure(trainer, masking, layout: str, steps: int, warmup: int) -> dict[str,
         d = {k: batch[k].to(dev, non_blocking=True) for k in ("input_ids", "supervised", "dense")}
         sync(dev)
         t2 = time.perf_counter()
-        tb = make_training_batch(d, masking, trainer.bundle.mask_token_id, trainer.generator, layout=layout)
+        tb = make_training_batch(d, masking, trainer.bundle.mask_token_id, trainer.generator, layout=layout,
+                                 attn_backend=trainer.attn_backend)
+        keep = slice(0, d["input_ids"].shape[1]) if keep_noisy and layout == "block" else None
         sync(dev)
         t3 = time.perf_counter()
-        logits = call_model(trainer.engine, **tb.model_inputs)
+        logits = call_model(trainer.engine, **tb.model_inputs, keep=keep)
         loss = tb.loss(logits, trainer.cfg.objective.weighting).loss
         trainer.engine.backward(loss)
         trainer.engine.step()
@@ -99,6 +106,9 @@ def main(argv: list[str]) -> None:
             }
             results = {name: measure(trainer, m, layout, steps, warmup)
                        for name, (m, layout) in variants.items()}
+            if cfg.objective.layout == "block":  # the LM head on all 2L positions (before logits_to_keep)
+                results["same, LM head on all 2L"] = measure(trainer, cfg.masking, "block", steps, warmup,
+                                                             keep_noisy=False)
         finally:
             trainer.close()
     if trainer.rank != 0:

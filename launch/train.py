@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from trainer.config import help_text, load_config  # noqa: E402
+from trainer.config_io import help_text, load_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

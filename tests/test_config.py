@@ -134,3 +134,38 @@ def test_shipped_deepspeed_configs_resolve(name):
     ds = json.loads((REPO / "ds_configs" / name).read_text())
     out = resolve_deepspeed_config(tiny_default(), ds, world_size=2, bf16=True)
     assert "auto" not in json.dumps(out)
+
+
+def test_io_names_stay_importable_from_trainer_config():
+    """The YAML/CLI/JSON mapping lives in trainer.config_io; launchers and SLURM scripts import it from
+    trainer.config, in either import order (the re-export is lazy, so no import cycle)."""
+    import subprocess
+    import sys
+
+    import trainer.config as config
+    import trainer.config_io as config_io
+
+    for name in ("load_config", "help_text", "parse_cli", "resolve_deepspeed_config", "to_dict"):
+        assert getattr(config, name) is getattr(config_io, name)
+    assert config.PREEMPT_EXIT_CODE == 75 and set(config.PRESETS) >= {"tiny_default", "tiny_smoke"}
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        config.nope  # noqa: B018
+    code = ("import trainer.config_io; from trainer.config import load_config; "
+            "c = load_config(['--preset', 'tiny_smoke', '--train.max_steps', '3', "
+            "'--checkpoint.output_dir', 'o', '--data.path', 'd', '--data.preprocess_if_missing', 'false', "
+            "'--checkpoint.export_hf', 'false', '--metrics.jsonl', 'true']); print(c.train.max_steps)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "3", out.stderr
+
+
+def test_smoke_preset_does_not_follow_the_demo_tuning():
+    """tiny_smoke pins its batch shape and optimizer (the CI/SLURM smoke curve is stored), while the
+    tuned demo values live in the field defaults that tiny_default uses."""
+    from trainer.config import tiny_smoke
+
+    smoke, demo = tiny_smoke(), tiny_default()
+    assert (smoke.train.micro_batch_size, smoke.optim.lr, smoke.optim.warmup_ratio, smoke.data.max_length,
+            smoke.train.max_steps) == (2, 1e-3, 0.03, 256, 6)
+    assert (demo.train.micro_batch_size, demo.optim.lr, demo.optim.warmup_ratio, demo.data.max_length,
+            demo.train.max_steps) == (4, 1e-3, 0.05, 256, 240)
+    assert smoke.masking == demo.masking and smoke.objective == demo.objective

@@ -70,3 +70,63 @@ def test_mask_token_comes_from_tokenizer_then_config():
     assert mask_token_id_of(Cfg(), NoMask()) == 126336
     with pytest.raises(ValueError, match="mask token"):
         mask_token_id_of(object(), NoMask())
+
+
+def _training_batch(seed: int = 0, b: int = 2, length: int = 64):
+    from trainer.masking import MaskingConfig
+    from trainer.objective import make_training_batch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 4000, (b, length), generator=g)
+    sup = torch.ones(b, length, dtype=torch.bool)
+    sup[:, :10] = False  # a prompt
+    dense = torch.rand(b, length, generator=g) < 0.3
+    return make_training_batch({"input_ids": ids, "supervised": sup, "dense": dense},
+                               MaskingConfig(block_size=16), 1, g)
+
+
+@pytest.mark.parametrize("weighting", ["masked_mean", "elbo"])
+def test_keep_noisy_half_gives_the_same_loss_and_grads(weighting):
+    """logits_to_keep=slice(0, L): only [B, L, V] logits, same loss and gradients as the full [B, 2L, V]."""
+    model = load_model("tiny", seed=0).model
+    tb = _training_batch()
+    length = tb.targets.shape[1]
+    results = []
+    for keep in (None, slice(0, length)):
+        model.zero_grad()
+        logits = call_model(model, **tb.model_inputs, keep=keep)
+        assert logits.shape[1] == (2 * length if keep is None else length)
+        loss = tb.loss(logits, weighting).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l_full, g_full), (l_keep, g_keep) = results
+    torch.testing.assert_close(l_keep, l_full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_keep, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_keep_falls_back_to_slicing_without_logits_to_keep():
+    """A model whose forward has no logits_to_keep (remote-code families) gets its full logits sliced."""
+    from trainer.modeling import supports_logits_to_keep
+
+    inner = load_model("tiny", seed=0).model.eval()
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, input_ids, attention_mask, position_ids):
+            return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    wrapped = NoKeep()
+    assert supports_logits_to_keep(inner) and not supports_logits_to_keep(wrapped)
+    tb = _training_batch(seed=1)
+    length = tb.targets.shape[1]
+    with torch.no_grad():
+        full = call_model(inner, **tb.model_inputs)
+        native = call_model(inner, **tb.model_inputs, keep=slice(0, length))
+        sliced = call_model(wrapped, **tb.model_inputs, keep=slice(0, length))
+    assert sliced.shape == native.shape == (full.shape[0], length, full.shape[2])
+    torch.testing.assert_close(native, full[:, :length], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sliced, full[:, :length], rtol=0, atol=0)

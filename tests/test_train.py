@@ -142,3 +142,75 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     assert matmul_params(model) == sum(p.numel() for p in model.parameters())  # tied head counts once
     assert peak_flops_per_device(MetricsConfig(peak_flops=1e12), torch.device("cpu")) == 1e12
     assert peak_flops_per_device(MetricsConfig(), torch.device("cpu")) > 0
+
+
+def test_attn_backend_selection():
+    from trainer.loop import attn_implementation_for, resolve_attn_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_attn_backend("auto", cpu) == "sdpa"
+    assert resolve_attn_backend("auto", cuda) == "flex"  # torch 2.13 ships flex_attention
+    assert resolve_attn_backend("sdpa", cuda) == "sdpa"
+    assert resolve_attn_backend("flex", cuda) == "flex"
+    with pytest.raises(ValueError, match="objective.attn_backend: flex cannot train on CPU"):
+        resolve_attn_backend("flex", cpu)
+    with pytest.raises(ValueError, match="objective.attn_backend"):
+        resolve_attn_backend("eager", cpu)
+    assert attn_implementation_for("flex", None) == "flex_attention"
+    assert attn_implementation_for("sdpa", None) is None
+    assert attn_implementation_for("sdpa", "eager") == "eager"
+    with pytest.raises(ValueError, match="model.attn_implementation: 'sdpa' contradicts"):
+        attn_implementation_for("flex", "sdpa")
+    with pytest.raises(ValueError, match="needs objective.attn_backend = flex"):
+        attn_implementation_for("sdpa", "flex_attention")
+    from trainer.config import load_config
+
+    assert load_config([]).objective.attn_backend == "auto"
+    with pytest.raises(ValueError, match="objective.attn_backend"):
+        load_config(["--objective.attn_backend", "xformers"])
+
+
+def test_flex_backend_gives_the_sdpa_loss():
+    """The trainer's flex path (model loaded with flex_attention, BlockMask inputs, LM head on the noisy
+    half) gives the sdpa loss on the same masked batches.  Forward only: flex has no CPU backward;
+    flex compiles through inductor on CPU (~5-15 s)."""
+    from trainer.loop import attn_implementation_for
+    from trainer.masking import MaskingConfig
+    from trainer.modeling import call_model, load_model
+    from trainer.objective import make_training_batch
+
+    losses = {}
+    for backend in ("sdpa", "flex"):
+        model = load_model("tiny", seed=0, attn_implementation=attn_implementation_for(backend, None)).model
+        assert model.config._attn_implementation == ("flex_attention" if backend == "flex" else "sdpa")
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for _ in range(2):
+            ids = torch.randint(2, 4000, (2, 64), generator=g)
+            sup = torch.ones(2, 64, dtype=torch.bool)
+            sup[:, :8] = False
+            dense = torch.rand(2, 64, generator=g) < 0.3
+            tb = make_training_batch({"input_ids": ids, "supervised": sup, "dense": dense},
+                                     MaskingConfig(block_size=16), 1, g, attn_backend=backend)
+            with torch.no_grad():
+                logits = call_model(model.eval(), **tb.model_inputs, keep=slice(0, 64))
+            out.append(tb.loss(logits).loss)
+        losses[backend] = torch.stack(out)
+    torch.testing.assert_close(losses["flex"], losses["sdpa"], rtol=1e-4, atol=1e-5)
+
+
+def test_weight_decay_skips_biases_norms_and_embeddings():
+    from trainer.loop import param_groups
+    from trainer.modeling import load_model
+
+    model = load_model("tiny", seed=0).model
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    emb = model.get_input_embeddings().weight
+    assert model.lm_head.weight is emb  # tied: one parameter, excluded once
+    assert id(emb) in ids(no_decay["params"]) and id(emb) not in ids(decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] for p in no_decay["params"] if p is not emb)
+    assert all(p.dim() == 2 and "proj" in names[id(p)] for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

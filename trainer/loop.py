@@ -5,13 +5,14 @@ One optimizer step (``train_step``) on every rank, for each of ``grad_accum`` mi
     batch  = next(loader)                                   # [B, L] ids / supervised / dense (CPU)
     tb     = make_training_batch(batch, masking, mask_id,   # masks drawn on the device, in the step:
                                  generator, layout)         #   [2B, 2L] inputs with complementary views
-    logits = call_model(engine, **tb.model_inputs)          # [2B, 2L, V]
+    logits = call_model(engine, **tb.model_inputs,          # [2B, L, V]: the LM head runs on the
+                        keep=slice(0, L))                   #   noisy half only (logits_to_keep)
     loss   = tb.loss(logits, weighting)                     # CE on masked tokens of the noisy half
     engine.backward(loss); engine.step()                    # DeepSpeed scales by 1/grad_accum and
                                                             # steps optimizer + LR at the boundary
 
 ZeRO stage, offload and precision come from the DeepSpeed JSON (``--deepspeed``), whose "auto"
-values are filled from the config (``trainer.config.resolve_deepspeed_config``).  The device is
+values are filled from the config (``trainer.config_io.resolve_deepspeed_config``).  The device is
 ``deepspeed.get_accelerator()``'s: the same command runs on CPU (gloo, fp32) and on GPUs (nccl,
 bf16).
 """
@@ -35,7 +36,8 @@ import torch
 import torch.distributed as dist
 
 from trainer import checkpoint as ckpt
-from trainer.config import Config, find_deepspeed_config, resolve_deepspeed_config, to_dict
+from trainer.config import Config
+from trainer.config_io import find_deepspeed_config, resolve_deepspeed_config, to_dict
 from trainer.data import BatchLoader, batch_rho
 from trainer.metrics import MetricsLogger, matmul_params, peak_flops_per_device
 from trainer.modeling import ModelBundle, call_model, load_model
@@ -72,6 +74,68 @@ def lr_factor(step: int, *, max_steps: int, warmup_ratio: float, schedule: str, 
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return min_lr_ratio + (1 - min_lr_ratio) * shape
+
+
+def resolve_attn_backend(choice: str, device: torch.device) -> str:
+    """objective.attn_backend -> 'sdpa' or 'flex'.
+
+    'auto' picks flex on CUDA when torch ships ``flex_attention``: its BlockMask skips the masked-out
+    tiles of the [2L, 2L] block-diffusion scores (about half of them for long sequences), compiled
+    once per shape.  Elsewhere 'auto' is sdpa: flex has no backward on CPU (torch 2.13 raises
+    "FlexAttention does not support backward on CPU"), so training cannot use it there.  An explicit
+    'flex' where it cannot train is an error naming the key, not a silent fallback.
+    """
+    if choice not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"objective.attn_backend: must be auto, sdpa or flex, got {choice!r}")
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+
+        has_flex = True
+    except ImportError:
+        has_flex = False
+    if choice == "flex" and not has_flex:
+        raise ValueError(f"objective.attn_backend: flex requested but torch {torch.__version__} has no "
+                         f"torch.nn.attention.flex_attention; use sdpa")
+    if choice == "flex" and device.type == "cpu":
+        raise ValueError("objective.attn_backend: flex cannot train on CPU (flex attention has no CPU "
+                         "backward); use sdpa or auto")
+    if choice == "auto":
+        return "flex" if device.type == "cuda" and has_flex else "sdpa"
+    return choice
+
+
+def attn_implementation_for(backend: str, requested: str | None) -> str | None:
+    """The attn_implementation to load the model with for ``backend`` (None: the model's own).
+
+    A flex BlockMask is only understood by transformers' flex_attention path, so flex forces it; an
+    explicit model.attn_implementation that contradicts the backend is an error naming both keys.
+    """
+    if backend == "flex":
+        if requested not in (None, "flex_attention"):
+            raise ValueError(f"model.attn_implementation: {requested!r} contradicts objective.attn_backend "
+                             f"= flex (which needs 'flex_attention'); drop one of them")
+        return "flex_attention"
+    if requested == "flex_attention":
+        raise ValueError("model.attn_implementation: 'flex_attention' needs objective.attn_backend = flex "
+                         "(the sdpa backend passes a dense bool mask)")
+    return requested
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices only; biases, norms and embeddings get none.
+
+    Why: decaying norm gains pulls them towards 0 (not their neutral 1), and decaying embedding rows
+    shrinks rare tokens that receive few gradients (the standard GPT/Llama recipe excludes both).
+    With tied embeddings the LM head is the embedding matrix and is excluded with it.  Parameters are
+    listed once (tied weights are one Parameter).
+    """
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embeds else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def prepare_data(cfg: Config, rank: int) -> Path:
@@ -163,11 +227,13 @@ class Trainer:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+        self.attn_backend = resolve_attn_backend(cfg.objective.attn_backend, self.device)
         self.bundle: ModelBundle = load_model(
             cfg.model.name, tokenizer=cfg.model.tokenizer,
             dtype=torch.bfloat16 if self.bf16 else torch.float32,
             trust_remote_code=cfg.model.trust_remote_code,
-            attn_implementation=cfg.model.attn_implementation, seed=cfg.train.seed)
+            attn_implementation=attn_implementation_for(self.attn_backend, cfg.model.attn_implementation),
+            seed=cfg.train.seed)
         if self.dataset.vocab_size > self.bundle.model.config.vocab_size:
             raise ValueError(f"data.path: shards use a vocabulary of {self.dataset.vocab_size} tokens but "
                              f"model {cfg.model.name} has {self.bundle.model.config.vocab_size}: the data "
@@ -175,10 +241,7 @@ class Trainer:
         self.n_flop_params = matmul_params(self.bundle.model)
 
         model = self.bundle.model
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = param_groups(model, cfg.optim.weight_decay)
         optimizer = None
         if "optimizer" not in self.ds_config:
             optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
@@ -226,7 +289,8 @@ class Trainer:
             f"ZeRO-{self.zero_stage} | {self.world} rank(s) on {self.device.type} | "
             f"{'bf16' if self.bf16 else 'fp32'} | masking {cfg.masking.mode} w={cfg.masking.weight} "
             f"block {cfg.masking.block_size} sigma U[{cfg.masking.sigma_min}, {cfg.masking.sigma_max}] "
-            f"complementary={cfg.masking.complementary} | layout {cfg.objective.layout}")
+            f"complementary={cfg.masking.complementary} | layout {cfg.objective.layout}, "
+            f"attention {self.attn_backend}")
         rho = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in self.dataset.rho.items())
         self.metrics.print(f"[train] data {data_path}: {self.loader.summary()}; info-dense share rho: {rho}")
@@ -259,9 +323,11 @@ class Trainer:
                    for k in ("input_ids", "supervised", "dense")}
             t1 = time.perf_counter()
             tb = make_training_batch(dev, cfg.masking, self.bundle.mask_token_id, self.generator,
-                                     layout=cfg.objective.layout)
+                                     layout=cfg.objective.layout, attn_backend=self.attn_backend)
             st.mask_s += time.perf_counter() - t1
-            logits = call_model(self.engine, **tb.model_inputs)
+            # The loss reads the noisy half only: skip the LM head on the clean half (block layout).
+            keep = slice(0, dev["input_ids"].shape[1]) if cfg.objective.layout == "block" else None
+            logits = call_model(self.engine, **tb.model_inputs, keep=keep)
             out = tb.loss(logits, cfg.objective.weighting)
             self.engine.backward(out.loss)
             self.engine.step()
@@ -384,16 +450,19 @@ class Trainer:
 
     def print_samples(self, hf_dir: Path) -> list[str]:
         """Decode the sample prompts with the exported model (rank 0, this process's device)."""
-        from evaluation.generate import generate
+        from evaluation.generate import generate, supports_kv_cache
 
         bundle = load_model(hf_dir, dtype=torch.bfloat16 if self.bf16 else torch.float32)
         model = bundle.model.to(self.device)
+        templated = bool(self.dataset.index["tokenizer"].get("chat_template_used", True))
         texts = generate(model, bundle.tokenizer, list(self.cfg.train.sample_prompts),
                          mask_token_id=bundle.mask_token_id, eos_token_id=bundle.eos_token_id,
                          gen_length=self.cfg.train.sample_max_new_tokens,
                          block_length=self.cfg.masking.block_size,
                          steps_per_block=self.cfg.masking.block_size,
-                         seed=self.cfg.train.seed)
+                         # prompt the way the training data was built (chat template or raw + BOS)
+                         use_chat_template=templated,
+                         kv_cache=supports_kv_cache(model), seed=self.cfg.train.seed)
         samples = [{"prompt": p, "completion": t} for p, t in zip(self.cfg.train.sample_prompts, texts)]
         (self.out_dir / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
         for s in samples:

@@ -19,6 +19,7 @@ A flex-attention ``BlockMask`` is passed through unchanged (the model must be lo
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def load_model(name_or_path: str | Path, *, tokenizer: str | Path | None = None,
 
     if str(name_or_path) == DEFAULT_MODEL:
         tok = AutoTokenizer.from_pretrained(tokenizer or TOKENIZER_DIR)
-        model = build_tiny_model(tok, seed=seed).to(dtype)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = build_tiny_model(tok, seed=seed, **extra).to(dtype)
         return ModelBundle(model, tok, mask_token_id_of(model.config, tok), int(tok.eos_token_id),
                            "tiny_dllm")
     tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
@@ -93,12 +95,33 @@ def load_model(name_or_path: str | Path, *, tokenizer: str | Path | None = None,
 
 
 def family_of(model: torch.nn.Module) -> str:
+    """The config's model_type (through a DeepSpeed engine too), the key of ``MASK_STYLE``."""
     return str(getattr(model.config, "model_type", "")).lower()
 
 
-def call_model(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor
-               ) -> torch.Tensor:
-    """Forward pass with a 4-D boolean mask (or flex BlockMask) in the family's own form -> logits."""
+def supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' Llama/Qwen2-style heads do).
+
+    A DeepSpeed engine is looked through to its module.  Remote-code families (LLaDA v1, some Dream
+    revisions) lack it; :func:`call_model` then slices the full logits instead.
+    """
+    inner = getattr(model, "module", model)
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_model(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor,
+               keep: slice | None = None) -> torch.Tensor:
+    """Forward pass with a 4-D boolean mask (or flex BlockMask) in the family's own form -> logits.
+
+    ``keep``: the sequence positions whose logits are needed (the block layout's loss reads only the
+    noisy half, ``slice(0, L)`` of ``2L``).  Where the model takes ``logits_to_keep`` the LM head runs
+    on those positions only, which saves the [B, 2L, V] -> [B, L, V] half of the largest activation
+    and of the head's matmul; otherwise the full logits are sliced (same values, no saving).  None
+    returns all positions, as before.
+    """
     style = MASK_STYLE.get(family_of(model), "bool")
     kwargs = {"input_ids": input_ids, "position_ids": position_ids}
     if isinstance(attention_mask, torch.Tensor) and style != "bool":
@@ -108,5 +131,11 @@ def call_model(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mas
         kwargs["attention_bias" if style == "bias" else "attention_mask"] = additive
     else:
         kwargs["attention_mask"] = attention_mask
+    native = keep is not None and supports_logits_to_keep(model)
+    if native:
+        kwargs["logits_to_keep"] = keep
     out = model(**kwargs)
-    return out.logits if hasattr(out, "logits") else out[0]
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if keep is not None and not native:
+        logits = logits[:, keep]
+    return logits

@@ -36,13 +36,16 @@ class TinyDLLMForMaskedDiffusion(LlamaForCausalLM):
         for layer in self.model.layers:
             layer.self_attn.is_causal = False
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):  # noqa: D102
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):  # noqa: D102
+        # logits_to_keep is named (not left in **kwargs) so trainer.modeling.call_model can see that the
+        # LM head may run on the noisy half only.
         # A 4-D tensor or a flex BlockMask is the caller's layout and passes through untouched.
         if attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
             attention_mask = bidirectional_mask(input_ids if input_ids is not None
                                                 else kwargs["inputs_embeds"][..., 0],
                                                 attention_mask)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                               logits_to_keep=logits_to_keep, **kwargs)
 
 
 def bidirectional_mask(ids: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
@@ -53,14 +56,19 @@ def bidirectional_mask(ids: torch.Tensor, padding: torch.Tensor | None) -> torch
 
 
 def tiny_config(vocab_size: int, mask_token_id: int, eos_token_id: int, *, hidden_size: int = 256,
-                num_layers: int = 4, num_heads: int = 4, max_positions: int = 4096) -> TinyDLLMConfig:
-    """The default preset: ~4M parameters with a 4k vocabulary (tied embeddings)."""
+                num_layers: int = 4, num_heads: int = 4, max_positions: int = 4096,
+                attn_implementation: str = "sdpa") -> TinyDLLMConfig:
+    """The default preset: ~4M parameters with a 4k vocabulary (tied embeddings).
+
+    ``attn_implementation="flex_attention"`` when the trainer passes flex BlockMasks
+    (objective.attn_backend = flex).
+    """
     return TinyDLLMConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 8 // 3 // 16 * 16,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
         max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=True,
         mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
-        bos_token_id=None, attn_implementation="sdpa",
+        bos_token_id=None, attn_implementation=attn_implementation,
     )
 
 
