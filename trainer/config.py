@@ -280,28 +280,19 @@ PRESETS = {"tiny_default": tiny_default, "tiny_smoke": tiny_smoke}
 
 # ------------------------------------------------------------------------- the YAML/CLI/JSON mapping
 
-_IO_NAMES = frozenset({
-    'to_dict',
-    'apply_overrides',
-    'parse_cli',
-    'load_config',
-    'field_docs',
-    'help_text',
-    'find_deepspeed_config',
-    'resolve_deepspeed_config',
-})
-
-
 def __getattr__(name: str) -> Any:
     """Re-export :mod:`trainer.config_io` lazily (PEP 562): config_io imports this module for the tree,
     so an eager import here would be circular when config_io is imported first."""
-    if name in _IO_NAMES:
+    if not name.startswith("__"):
         from trainer import config_io
 
-        return getattr(config_io, name)
+        if name in config_io.__all__:
+            return getattr(config_io, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _IO_NAMES)
+    from trainer import config_io
+
+    return sorted(set(globals()) | set(config_io.__all__))
 
