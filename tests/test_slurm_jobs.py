@@ -332,9 +332,11 @@ def test_train_time_limit_signal_requeues_and_resumes(cluster, tmp_path) -> None
         "--steps_after_resume",
         "3",
         run_name="timelimit",
-        sbatch_args=("--time=1", "--signal=B:USR1@45"),
+        # USR1 45 s after the start; the restart (same limit) then has ~45 s for start-up + 3 steps
+        # before the same signal would fire again: enough on a loaded 2-core machine (15 s was not).
+        sbatch_args=("--time=2", "--signal=B:USR1@75"),
     )
-    _release_requeued(cluster, job, log, timeout=150)
+    _release_requeued(cluster, job, log, timeout=200)
     fields = cluster.wait_job(job, DONE, 120)
     assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", log.read_text() + cluster.logs()
     attempts = _attempts(run, job)
