@@ -147,11 +147,8 @@ def get_extractor(name: str, **options) -> Extractor:
 
 
 def _import_builtin_extractors() -> None:
-    import importlib
-
-    for mod in ("preprocess.rules", "preprocess.llm_extractor", "preprocess.none_extractor"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # a module not written yet must not break the others
-            if e.name != mod:
-                raise
+    """Importing a built-in extractor module registers it; done lazily so that importing
+    ``preprocess.spans`` stays cheap (the LLM extractor pulls in ``openai``)."""
+    import preprocess.llm_extractor  # noqa: F401
+    import preprocess.none_extractor  # noqa: F401
+    import preprocess.rules  # noqa: F401
