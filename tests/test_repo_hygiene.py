@@ -26,15 +26,19 @@ def _tracked_files() -> list[Path]:
     return [ROOT / f for f in res.stdout.splitlines()]
 
 
+# Built from parts so that this file does not itself contain the paths it looks for.
+MACHINE_PATH_MARKERS = tuple(f"/{name}/" for name in ("work", "farm", "home", "Users"))
+
+
 def test_no_machine_paths_committed() -> None:
     bad = []
     for f in _tracked_files():
         if f.suffix not in {".py", ".md", ".sh", ".json", ".yaml", ".yml", ".sbatch", ".toml", ".txt", ""}:
             continue
-        if not f.is_file() or f.name == "test_repo_hygiene.py":
+        if not f.is_file():
             continue
         text = f.read_text(encoding="utf-8", errors="ignore")
-        for marker in ("/work/", "/farm/", "/home/", "/Users/"):
+        for marker in MACHINE_PATH_MARKERS:
             if marker in text:
                 bad.append(f"{f.relative_to(ROOT)}: {marker}")
     assert not bad, bad
