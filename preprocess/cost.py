@@ -34,6 +34,7 @@ from typing import Any
 
 import tiktoken
 
+from preprocess.pipeline_config import parse_fractions as parse_fraction_text
 from preprocess.prompts import PROMPT_VERSION, build_messages, response_format
 from preprocess.spans import Domain, ExtractInput, fraction_selected
 
@@ -198,10 +199,10 @@ def parse_fractions(value: Any) -> dict[Domain, float]:
     if value is None or value == "":
         return out
     if isinstance(value, str):
-        try:
-            value = {k.strip(): float(v) for k, v in (p.split("=", 1) for p in value.split(",") if p.strip())}
+        try:  # the preprocessor's --fraction syntax, parsed by the preprocessor's own parser
+            value = parse_fraction_text(value)
         except ValueError as e:
-            raise ValueError(f"fractions={value!r}: expected 'code=0.1,math=0.5'") from e
+            raise ValueError(f"fractions={value!r}: expected 'code=0.1,math=0.5' ({e})") from e
     for k, v in dict(value).items():
         f = float(v)
         if not 0.0 <= f <= 1.0:
