@@ -27,7 +27,15 @@ from preprocess.align import (
     mark_overlaps,
     spans_to_arrays,
 )
-from preprocess.pipeline_config import PreprocessConfig, RejectError, output_fingerprint
+from preprocess.extractors.base import (
+    SpanError,
+    extract_input,
+    fraction_for,
+    fraction_selected,
+    validate_spans,
+)
+from preprocess.extractors.registry import get_extractor
+from preprocess.pipeline.config import PreprocessConfig, RejectError, output_fingerprint
 from preprocess.records import (
     INVALID_SPANS,
     TOO_LONG,
@@ -38,8 +46,7 @@ from preprocess.records import (
     iter_records,
     shard_plan,
 )
-from preprocess.shards import FLAG_INFO_DENSE, FLAG_SELECTED, FLAG_SUPERVISED, ShardWriter
-from preprocess.spans import Domain, ExtractInput, SpanError, fraction_selected, get_extractor, validate_spans
+from preprocess.shards import FLAG_INFO_DENSE, FLAG_SELECTED, FLAG_SUPERVISED, Domain, ShardWriter
 
 CRASH_ENV = "DM_PREPROCESS_CRASH_AFTER"  # test hook: "<shard>:<samples>" -> os._exit(137) mid-shard
 
@@ -91,7 +98,7 @@ class ShardJob:
         self.alignment: Counter[str] = Counter()
         self.unmatched_spans = 0
         self.read = ReadStats()
-        self.fractions = {d: cfg.fraction_for(d) for d in Domain}
+        self.fractions = {d: fraction_for(cfg.fractions, d) for d in Domain}
         bos = self.tok.bos_id
         # BOS only where no chat template is actually applied (asked for AND present); evaluation's
         # encode_prompts follows the same rule (tests/test_generate.py pins the parity).
@@ -222,7 +229,7 @@ class ShardJob:
         spans: list[list] = [[] for _ in recs]
         if not chosen:
             return spans
-        inputs = [ExtractInput(recs[i].key, _plain_prompt(recs[i]), recs[i].response, recs[i].domain)
+        inputs = [extract_input(recs[i])
                   for i in chosen]
         results = self.extractor.extract_batch(inputs)
         if len(results) != len(inputs):
@@ -329,10 +336,3 @@ def _checked_spans(spans: list, response: str) -> list:
             return validate_spans(spans, response)  # raises, or sorts and merges
         prev_end = s.end
     return list(spans)
-
-
-def _plain_prompt(r: Record) -> str:
-    if r.prompt is not None:
-        return r.prompt
-    users = [m["content"] for m in (r.messages or []) if m["role"] == "user"]
-    return users[-1] if users else ""

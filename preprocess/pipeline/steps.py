@@ -19,8 +19,8 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from preprocess.align import TokenizerSpec
-from preprocess.pipeline_config import ConfigMismatchError, PreprocessConfig
-from preprocess.pipeline_shard import DomainCounts, ShardJob, load_tokenizer
+from preprocess.pipeline.config import ConfigMismatchError, PreprocessConfig
+from preprocess.pipeline.shard import DomainCounts, ShardJob, load_tokenizer
 from preprocess.shards import (
     FLAG_INFO_DENSE,
     FLAG_SELECTED,
