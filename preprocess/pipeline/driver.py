@@ -175,8 +175,7 @@ def _preload_in_forkserver() -> None:
     """
     import multiprocess
 
-    modules = ["preprocess.pipeline", "preprocess.pipeline.shard", "preprocess.extractors.rules.extractor",
-               "preprocess.extractors.llm.client", "preprocess.extractors.none"]
+    modules = ["preprocess.pipeline", "preprocess.pipeline.shard", "preprocess.extractors.registry"]
     multiprocess.set_forkserver_preload(modules)
 
 
