@@ -19,13 +19,11 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from preprocess.assets import TOKENIZER_DIR
 from preprocess.extractors.base import (
-    ExtractInput,
     fraction_for,
     fraction_selected,
     parse_fractions,
@@ -67,16 +65,6 @@ def _fields(a: argparse.Namespace) -> FieldMap:
 
 def _fractions(a: argparse.Namespace) -> dict[str, float]:
     return parse_fractions(",".join(a.fraction))
-
-
-def _selected_inputs(a: argparse.Namespace, errors: list[str]) -> Iterator[ExtractInput]:
-    """The records of ``--input``; each reject becomes one line in ``errors`` (file:line: reason)."""
-    rejects: list[Reject] = []
-    for item in read_inputs(a.input, _fields(a), rejects, a.hf_split):
-        errors += [_reject_line(r) for r in rejects]
-        rejects.clear()
-        yield item
-    errors += [_reject_line(r) for r in rejects]
 
 
 def _reject_line(r: Reject) -> str:
@@ -330,10 +318,12 @@ def cmd_stats(a: argparse.Namespace) -> int:
 def cmd_cost(a: argparse.Namespace) -> int:
     from preprocess.extractors.llm.cost import estimate_cost
 
-    errors: list[str] = []
-    est = estimate_cost(_selected_inputs(a, errors), a.model, _fractions(a), a.prices,
+    rejects: list[Reject] = []
+    items = read_inputs(a.input, _fields(a), rejects, a.hf_split)
+    est = estimate_cost(items, a.model, _fractions(a), a.prices,
                         "online" if a.mode == "both" else a.mode, seed=a.seed,
                         output_ratio=a.output_ratio, max_output_tokens=a.max_output_tokens)
+    errors = [_reject_line(r) for r in rejects]
     shown = [est] + ([est.scaled(a.scale)] if a.scale else [])
     if a.json:
         print(json.dumps([e.to_dict() for e in shown] + [{"invalid_records": len(errors)}], indent=1))
@@ -371,12 +361,12 @@ def cmd_batch(a: argparse.Namespace) -> int:
         for b in x.cache.batches():
             print(f"{b.batch_id}\t{b.status}\t{b.n_requests}\t{'collected' if b.collected else 'open'}")
         return 0
-    errors: list[str] = []
+    rejects: list[Reject] = []
     fr = _fractions(a)
-    items = [it for it in _selected_inputs(a, errors)
+    items = [it for it in read_inputs(a.input, _fields(a), rejects, a.hf_split)
              if fraction_selected(it.key, fraction_for(fr, it.domain), a.seed)]
-    for e in errors:
-        print(f"invalid record: {e}", file=sys.stderr)
+    for r in rejects:
+        print(f"invalid record: {_reject_line(r)}", file=sys.stderr)
     bodies = {request_key(b): b for b in (x.request_body(it) for it in items)}
     cached = x.cache.get_many(bodies)
     todo = {k: b for k, b in bodies.items() if k not in cached}
@@ -390,7 +380,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
         errs = runner.wait(ids, c.batch_max_wait)
         print(f"collected; {len(errs)} request(s) failed (rerun 'submit' to retry them)")
     client.close()
-    return 1 if errors else 0
+    return 1 if rejects else 0
 
 
 COMMANDS = {"run": cmd_run, "verify": cmd_verify, "inspect": cmd_inspect, "stats": cmd_stats,

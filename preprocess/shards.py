@@ -1,5 +1,9 @@
 """The on-disk shard format: writer beside reader, field by field in the same order.
 
+Over 400 lines on purpose: the format is one definition (domain codes, flag bits, file layout,
+shard writer, ``index.json`` writer, reader), kept in one file so that a change to how a field is
+written sits next to how it is read.  Checking a folder lives in ``preprocess.shards_verify``.
+
 A preprocessed folder holds ``num_shards`` shards plus one ``index.json``::
 
     out/
@@ -40,8 +44,9 @@ import hashlib
 import json
 import os
 import struct
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -81,6 +86,10 @@ class Domain(IntEnum):
 
 _HEADER = struct.Struct("<8sIB3xQQQ")
 TMP_SUFFIX = ".tmp"
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output folder already holds shards made with a different configuration."""
 
 
 class DType(IntEnum):
@@ -380,6 +389,94 @@ def shard_is_complete(folder: Path | str, name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- reader
+
+
+@dataclass
+class DomainCounts:
+    """Deterministic per-domain counters of one shard (summed by the merge step)."""
+
+    samples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    dense_tokens: int = 0
+    selected_samples: int = 0
+    selected_supervised_tokens: int = 0
+    selected_dense_tokens: int = 0
+    selected_ratio_sum: float = 0.0  # sum over selected samples of dense/supervised (paper's rho)
+
+    def add(self, other: dict[str, Any]) -> None:
+        for k, v in other.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+def missing_shards(folder: Path | str, num_shards: int) -> list[str]:
+    """Names of the shards of ``folder`` whose manifest is not (yet) in place."""
+    names = [shard_name(k) for k in range(num_shards)]
+    return [n for n in names if not shard_is_complete(folder, n)]
+
+
+def write_index(folder: Path | str, num_shards: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate the shard manifests into ``index.json`` (deterministic; sorted keys).
+
+    ``config`` is recorded as the settings that decided the output (``PreprocessConfig.output_settings``).
+    """
+    folder = Path(folder)
+    missing = missing_shards(folder, num_shards)
+    if missing:
+        raise RuntimeError(f"cannot write {INDEX_FILE}: {len(missing)} shard(s) incomplete: {missing[:8]}")
+    manifests = [read_manifest(folder, shard_name(k)) for k in range(num_shards)]
+    fps = {m["config_fingerprint"] for m in manifests}  # type: ignore[index]
+    if len(fps) != 1:
+        raise ConfigMismatchError(f"shards in {folder} come from {len(fps)} different configurations")
+    domains: dict[str, DomainCounts] = {}
+    rejects: Counter[str] = Counter()
+    status: Counter[str] = Counter()
+    alignment: Counter[str] = Counter()
+    unmatched = 0
+    for m in manifests:
+        st = m["stats"]  # type: ignore[index]
+        for name, counts in st["domains"].items():
+            domains.setdefault(name, DomainCounts()).add(counts)
+        rejects.update(st["rejects"])
+        status.update(st["extract_status"])
+        alignment.update(st["alignment"])
+        unmatched += st["unmatched_spans"]
+    dom_out = {}
+    for name, c in sorted(domains.items()):
+        dom_out[name] = {
+            **asdict(c),
+            "rho": c.selected_ratio_sum / c.selected_samples if c.selected_samples else 0.0,
+            "rho_tokens": (c.selected_dense_tokens / c.selected_supervised_tokens
+                           if c.selected_supervised_tokens else 0.0),
+        }
+    first = manifests[0]
+    index = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config_fingerprint": first["config_fingerprint"],  # type: ignore[index]
+        "config": config,
+        "num_shards": num_shards,
+        "num_samples": sum(m["num_samples"] for m in manifests),  # type: ignore[index]
+        "num_tokens": sum(m["num_tokens"] for m in manifests),  # type: ignore[index]
+        "num_rejects": sum(m["num_rejects"] for m in manifests),  # type: ignore[index]
+        "token_dtype": first["token_dtype"],  # type: ignore[index]
+        "vocab_size": first["vocab_size"],  # type: ignore[index]
+        "tokenizer": first["tokenizer"],  # type: ignore[index]
+        "extractor": first["extractor"],  # type: ignore[index]
+        "flags": {"SUPERVISED": FLAG_SUPERVISED, "INFO_DENSE": FLAG_INFO_DENSE, "SELECTED": FLAG_SELECTED},
+        "domains": dom_out,
+        "rho": {name: d["rho"] for name, d in dom_out.items()},
+        "rejects": dict(sorted(rejects.items())),
+        "extract_status": dict(sorted(status.items())),
+        "alignment": dict(sorted(alignment.items())),
+        "unmatched_spans": unmatched,
+        "shards": [{"name": shard_name(k), "num_samples": m["num_samples"], "num_tokens": m["num_tokens"],  # type: ignore[index]
+                    "manifest_sha256": sha256_file(folder / manifest_name(shard_name(k)))}
+                   for k, m in enumerate(manifests)],
+    }
+    assert smallest_token_dtype(index["vocab_size"]).name.lower() == index["token_dtype"]
+    write_json_atomic(folder / INDEX_FILE, index)
+    return index
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from preprocess.assets import SAMPLE_PATH, TOKENIZER_DIR
 from preprocess.extractors.base import ExtractInput, ExtractResult, Span, fraction_selected, parse_fractions
 from preprocess.extractors.registry import EXTRACTORS
-from preprocess.pipeline.config import ConfigMismatchError, PreprocessConfig, RejectError
+from preprocess.pipeline.config import PreprocessConfig, RejectError
 from preprocess.pipeline.driver import build_slurm_executor, run_pipeline
 from preprocess.pipeline.shard import CRASH_ENV
 from preprocess.records import FieldMap
@@ -28,6 +28,7 @@ from preprocess.shards import (
     FLAG_SELECTED,
     FLAG_SUPERVISED,
     INDEX_FILE,
+    ConfigMismatchError,
     Domain,
     ShardedDataset,
     shard_files,

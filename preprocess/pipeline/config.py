@@ -24,10 +24,6 @@ class RejectError(RuntimeError):
     """Raised in ``strict`` mode at the first rejected record, naming its file, line and reason."""
 
 
-class ConfigMismatchError(RuntimeError):
-    """The output folder already holds shards made with a different configuration."""
-
-
 @dataclass(kw_only=True)
 class SlurmOptions:
     """Options passed to datatrove's ``SlurmPipelineExecutor`` (one array job + a merge job)."""

@@ -37,7 +37,6 @@ from typing import Any
 
 from preprocess.extractors.registry import get_extractor
 from preprocess.pipeline.config import (
-    ConfigMismatchError,
     PreprocessConfig,
     output_fingerprint,
 )
@@ -45,11 +44,18 @@ from preprocess.pipeline.shard import load_tokenizer
 from preprocess.pipeline.steps import (
     ShardStep,
     _MergeStep,
-    missing_shards,
-    write_index,
 )
 from preprocess.records import expand_inputs
-from preprocess.shards import INDEX_FILE, manifest_name, shard_files, shard_is_complete, shard_name
+from preprocess.shards import (
+    INDEX_FILE,
+    ConfigMismatchError,
+    manifest_name,
+    missing_shards,
+    shard_files,
+    shard_is_complete,
+    shard_name,
+    write_index,
+)
 
 
 def _current_fingerprint(cfg: PreprocessConfig) -> str:
@@ -96,7 +102,8 @@ def is_complete(cfg: PreprocessConfig, fingerprint: str | None = None) -> bool:
     except json.JSONDecodeError:
         return False  # a damaged index is rewritten by the merge step
     fingerprint = fingerprint or _current_fingerprint(cfg)
-    return index.get("config_fingerprint") == fingerprint and not missing_shards(cfg)
+    complete = not missing_shards(cfg.output_dir, cfg.num_shards)
+    return index.get("config_fingerprint") == fingerprint and complete
 
 
 def _reset_stale_markers(cfg: PreprocessConfig) -> None:
@@ -158,7 +165,7 @@ def _run_locked(cfg: PreprocessConfig, fingerprint: str) -> Path:
             _preload_in_forkserver()
         LocalPipelineExecutor(pipeline=[step], tasks=cfg.num_shards, workers=workers,
                               logging_dir=str(cfg.logging_dir / "shards")).run()
-        write_index(cfg)
+        write_index(cfg.output_dir, cfg.num_shards, cfg.output_settings())
         return folder
     # Shards may be rebuilt: the old index and the merge job's completion marker are stale.
     (folder / INDEX_FILE).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import functools
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -46,27 +46,16 @@ from preprocess.records import (
     iter_records,
     shard_plan,
 )
-from preprocess.shards import FLAG_INFO_DENSE, FLAG_SELECTED, FLAG_SUPERVISED, Domain, ShardWriter
+from preprocess.shards import (
+    FLAG_INFO_DENSE,
+    FLAG_SELECTED,
+    FLAG_SUPERVISED,
+    Domain,
+    DomainCounts,
+    ShardWriter,
+)
 
 CRASH_ENV = "DM_PREPROCESS_CRASH_AFTER"  # test hook: "<shard>:<samples>" -> os._exit(137) mid-shard
-
-
-@dataclass
-class DomainCounts:
-    """Deterministic per-domain counters of one shard (summed by the merge step)."""
-
-    samples: int = 0
-    tokens: int = 0
-    supervised_tokens: int = 0
-    dense_tokens: int = 0
-    selected_samples: int = 0
-    selected_supervised_tokens: int = 0
-    selected_dense_tokens: int = 0
-    selected_ratio_sum: float = 0.0  # sum over selected samples of dense/supervised (paper's rho)
-
-    def add(self, other: dict[str, Any]) -> None:
-        for k, v in other.items():
-            setattr(self, k, getattr(self, k) + v)
 
 
 def _batched(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
