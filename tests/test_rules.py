@@ -122,7 +122,7 @@ def test_sample_all_ok_and_contract_holds(sample_results):
 def test_token_level_rho_on_sample_is_in_the_documented_range(sample_results):
     """rho = info-dense share of supervised tokens (response + EOS), mean per sample (paper §3.2).
 
-    Figures in docs/readme/extractors_rules.md: code 0.34, math 0.25 on this sample; the guard is
+    Figures in docs/extractors.md: code 0.34, math 0.25 on this sample; the guard is
     the 0.2-0.4 band the rules are designed for (paper, GPT-4o: 0.25 / 0.31)."""
     from transformers import AutoTokenizer
 
