@@ -1,4 +1,8 @@
-"""LLM extractor end to end through the real ``openai`` client against a local stub server."""
+"""LLM extractor end to end through the real ``openai`` client against a local stub server.
+
+Over 400 lines: one scenario per behaviour of a long-running API client (retries, rate limits,
+cache, batch, secrets), each needing its own stub-server setup; splitting would scatter the shared fixtures.
+"""
 
 from __future__ import annotations
 
