@@ -283,8 +283,9 @@ class CostEstimate:
         return "\n".join(lines)
 
 
-def estimate_cost(items: Iterable[ExtractInput], model: str = "gpt-4o", fractions: Any = None,
-                  prices: Any = None, mode: str = "online", *, seed: int = 0,
+def estimate_cost(items: Iterable[ExtractInput], model: str = "gpt-4o",
+                  fractions: str | Mapping[str, float] | None = None, prices: Any = None,
+                  mode: str = "online", *, seed: int = 0,
                   output_ratio: float | None = None, max_output_tokens: int | None = 4096,
                   preselected: bool = False) -> CostEstimate:
     """Count the tokens the extractor would send for ``items`` and price them.
