@@ -31,7 +31,7 @@ PENDING_REASON = ("trainer split pending: trainer imports evaluation and the pre
 
 PREPROCESS_LAYERS: list[tuple[str, ...]] = [
     ("preprocess", "preprocess.assets", "preprocess.shards"),  # the format and bundled files
-    ("preprocess.records",),  # input
+    ("preprocess.records", "preprocess.splits"),  # input, and which bytes of it each shard reads
     ("preprocess.extractors", "preprocess.extractors.base"),  # the extractor interface
     ("preprocess.extractors.rules", "preprocess.extractors.none", "preprocess.extractors.llm"),
     ("preprocess.extractors.registry",),
@@ -196,7 +196,7 @@ def test_graph_sees_the_imports_it_checks():
     mods, graph = import_graph()
     assert "preprocess.pipeline.driver" in mods and "preprocess" in mods
     targets = {t for t, _ in graph["preprocess.pipeline.driver"]}
-    assert {"preprocess.pipeline.config", "preprocess.extractors.registry", "preprocess.shards"} <= targets
+    assert {"preprocess.pipeline.config", "preprocess.pipeline.shard", "preprocess.shards"} <= targets
     assert "preprocess.pipeline.driver" in {t for t, _ in graph["preprocess.pipeline"]}
     assert cycles({"a": [("b", 1)], "b": [("c", 1)], "c": [("a", 1)], "d": [("a", 1)]}) == [["a", "b", "c"]]
     assert _layer("preprocess.extractors.llm.client") == 3 and _layer("preprocess.shards_verify") == 6

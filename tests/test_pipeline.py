@@ -253,7 +253,7 @@ def test_idempotent_and_config_change_refused(tmp_path: Path):
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     run_pipeline(_cfg(inp, tmp_path / "out", workers=2))  # execution settings do not matter
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
-    with pytest.raises(ConfigMismatchError, match="different configuration"):
+    with pytest.raises(ConfigMismatchError, match=r"setting max_length changed \(2048 -> 512\) since shard_00000"):
         run_pipeline(_cfg(inp, tmp_path / "out", max_length=512))
     run_pipeline(_cfg(inp, tmp_path / "out", max_length=512, overwrite=True))
     assert ShardedDataset(out).index["config"]["max_length"] == 512 and verify(out) == []

@@ -3,9 +3,10 @@
 Design (why it is deterministic and resumable):
 
 - ``num_shards`` is fixed by the config; datatrove task ``r`` writes shard ``r`` and nothing else.
-  Which records go to shard ``r`` is ``records.shard_plan`` (a pure function of the input list and
-  ``num_shards``), so the bytes of every shard depend only on inputs + config -- never on the
-  number of workers, nodes or the order tasks run in.
+  Which input bytes go to shard ``r`` is ``splits.plan_shards`` (a pure function of the input
+  list, the file sizes and ``num_shards``; every byte read by one task), so the bytes of every
+  shard depend only on inputs + config -- never on the number of workers, nodes or the order
+  tasks run in.
 - A shard is written under temporary names and published by renames, manifest last.  A rerun
   after a crash or ``kill -9`` deletes leftovers, skips shards whose manifest exists, and redoes
   only the rest -- byte-identical to an uninterrupted run (no timestamps or host names in any
@@ -35,17 +36,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from preprocess.extractors.registry import get_extractor
-from preprocess.pipeline.config import (
-    PreprocessConfig,
-    output_fingerprint,
-)
-from preprocess.pipeline.shard import load_tokenizer
+from datatrove.executor import LocalPipelineExecutor
+
+from preprocess.pipeline.config import PreprocessConfig, RejectError, describe_change
+from preprocess.pipeline.shard import RunInputs, load_tokenizer, resolve_inputs
 from preprocess.pipeline.steps import (
     ShardStep,
     _MergeStep,
+    strict_failure_path,
 )
-from preprocess.records import expand_inputs
 from preprocess.shards import (
     INDEX_FILE,
     ConfigMismatchError,
@@ -58,31 +57,32 @@ from preprocess.shards import (
 )
 
 
-def _current_fingerprint(cfg: PreprocessConfig) -> str:
-    tok = load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template)
-    ex = get_extractor(cfg.extractor, **cfg.extractor_options)
-    sources = expand_inputs(cfg.inputs, cfg.hf_split)
-    return output_fingerprint(cfg, sources, tok.fingerprint(), (ex.name, ex.version))
+def _check_existing(cfg: PreprocessConfig, inputs: RunInputs) -> None:
+    """Refuse to mix shards of different configurations (or delete them with ``overwrite``).
 
-
-def _check_existing(cfg: PreprocessConfig, fingerprint: str) -> None:
-    """Refuse to mix shards of different configurations (or delete them with ``overwrite``)."""
+    The error names what changed (a setting, an input file, the tokenizer ...) in one line.
+    """
     folder = Path(cfg.output_dir)
-    stale = []
+    stale: list[str] = []
+    change = ""
     for mpath in sorted(folder.glob("shard_*.json")):
         try:
-            fp = json.loads(mpath.read_text(encoding="utf-8")).get("config_fingerprint")
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
-            fp = None
+            manifest = {}
         name = mpath.name[: -len(".json")]
-        if fp != fingerprint or int(name.split("_")[1]) >= cfg.num_shards:
+        if manifest.get("config_fingerprint") != inputs.fingerprint \
+                or int(name.split("_")[1]) >= cfg.num_shards:
             stale.append(name)
+            if not change:
+                old = manifest.get("fingerprint_parts")
+                change = describe_change(old, inputs.parts) if old else "configuration changed"
     if not stale:
         return
     if not cfg.overwrite:
         raise ConfigMismatchError(
-            f"{folder} holds {len(stale)} shard(s) made with a different configuration (e.g. {stale[0]}); "
-            f"use another output folder or overwrite=True (--overwrite) to replace them")
+            f"{folder}: {change} since {stale[0]} was made ({len(stale)} shard(s) differ); "
+            f"use another output folder or --overwrite (overwrite=True) to rebuild")
     for name in stale:
         for fname in [*shard_files(name).values(), manifest_name(name)]:
             (folder / fname).unlink(missing_ok=True)
@@ -101,7 +101,7 @@ def is_complete(cfg: PreprocessConfig, fingerprint: str | None = None) -> bool:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False  # a damaged index is rewritten by the merge step
-    fingerprint = fingerprint or _current_fingerprint(cfg)
+    fingerprint = fingerprint or resolve_inputs(cfg).fingerprint
     complete = not missing_shards(cfg.output_dir, cfg.num_shards)
     return index.get("config_fingerprint") == fingerprint and complete
 
@@ -124,13 +124,14 @@ def run_pipeline(cfg: PreprocessConfig) -> Path:
     """
     folder = Path(cfg.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    fingerprint = _current_fingerprint(cfg)
-    if is_complete(cfg, fingerprint):
+    spec = load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()
+    inputs = resolve_inputs(cfg, spec)
+    if is_complete(cfg, inputs.fingerprint):
         return folder
     with _folder_lock(folder):  # e.g. several training ranks asking for the same missing cache
-        if is_complete(cfg, fingerprint):
+        if is_complete(cfg, inputs.fingerprint):
             return folder
-        return _run_locked(cfg, fingerprint)
+        return _run_locked(cfg, spec, inputs)
 
 
 LOCK_FILE = ".dm-preprocess.lock"
@@ -151,20 +152,30 @@ def _folder_lock(folder: Path) -> Iterator[None]:
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def _run_locked(cfg: PreprocessConfig, fingerprint: str) -> Path:
+def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
     folder = Path(cfg.output_dir)
-    _check_existing(cfg, fingerprint)
+    _check_existing(cfg, inputs)
     _reset_stale_markers(cfg)
+    inputs.with_plan(cfg.num_shards)
     if cfg.executor == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
-        step = ShardStep(cfg, load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec())
-
+        step = ShardStep(cfg, spec, inputs)
         workers = cfg.workers if cfg.workers > 0 else min(cfg.num_shards, os.cpu_count() or 1)
         if workers > 1:
             _preload_in_forkserver()
-        LocalPipelineExecutor(pipeline=[step], tasks=cfg.num_shards, workers=workers,
-                              logging_dir=str(cfg.logging_dir / "shards")).run()
+        for k in range(cfg.num_shards):
+            strict_failure_path(cfg, k).unlink(missing_ok=True)
+        from loguru import logger
+
+        logger.disable("datatrove")  # its per-task banners and "Total Runtime" lines, in this process
+        try:
+            _QuietLocalExecutor(pipeline=[step], tasks=cfg.num_shards, workers=workers,
+                                logging_dir=str(cfg.logging_dir / "shards")).run()
+        finally:
+            logger.enable("datatrove")
+        if cfg.strict:
+            failed = [p for k in range(cfg.num_shards) if (p := strict_failure_path(cfg, k)).is_file()]
+            if failed:  # the lowest shard holds the first bad record in input order
+                raise RejectError(failed[0].read_text(encoding="utf-8"))
         write_index(cfg.output_dir, cfg.num_shards, cfg.output_settings())
         return folder
     # Shards may be rebuilt: the old index and the merge job's completion marker are stale.
@@ -172,6 +183,14 @@ def _run_locked(cfg: PreprocessConfig, fingerprint: str) -> Path:
     (cfg.logging_dir / "merge" / "completions" / "00000").unlink(missing_ok=True)
     build_slurm_executor(cfg).run()
     return folder
+
+
+class _QuietLocalExecutor(LocalPipelineExecutor):
+    """Tasks log to their log files only (errors still reach the terminal): datatrove prints a
+    task's console log only for local rank 0, and uses the local rank for nothing else."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
+        return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
 
 
 def _preload_in_forkserver() -> None:
@@ -202,7 +221,9 @@ def build_slurm_executor(cfg: PreprocessConfig) -> Any:
     s = cfg.slurm
     common = dict(time=s.time, partition=s.partition, mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos or "",
                   venv_path=s.venv_path, env_command=s.env_command, sbatch_args=dict(s.sbatch_args))
-    step = ShardStep(cfg, load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec())
+    spec = load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()
+    # Resolved after the paths became absolute: the tasks read the sources from other directories.
+    step = ShardStep(cfg, spec, resolve_inputs(cfg, spec).with_plan(cfg.num_shards))
     shards = SlurmPipelineExecutor(pipeline=[step], tasks=cfg.num_shards,
                                    cpus_per_task=s.cpus_per_task, workers=s.max_concurrent,
                                    job_name=s.job_name, logging_dir=str(cfg.logging_dir / "shards"), **common)

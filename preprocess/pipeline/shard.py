@@ -8,10 +8,12 @@ the per-record Python work is a few list operations; see :meth:`ShardJob.extract
 from __future__ import annotations
 
 import functools
+import json
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -35,16 +37,17 @@ from preprocess.extractors.base import (
     validate_spans,
 )
 from preprocess.extractors.registry import get_extractor
-from preprocess.pipeline.config import PreprocessConfig, RejectError, output_fingerprint
+from preprocess.pipeline.config import PreprocessConfig, RejectError, fingerprint_parts, output_fingerprint
 from preprocess.records import (
     INVALID_SPANS,
     TOO_LONG,
     ReadStats,
     Record,
     Reject,
+    Source,
+    Unit,
     expand_inputs,
     iter_records,
-    shard_plan,
 )
 from preprocess.shards import (
     FLAG_INFO_DENSE,
@@ -54,6 +57,7 @@ from preprocess.shards import (
     DomainCounts,
     ShardWriter,
 )
+from preprocess.splits import plan_shards
 
 CRASH_ENV = "DM_PREPROCESS_CRASH_AFTER"  # test hook: "<shard>:<samples>" -> os._exit(137) mid-shard
 
@@ -70,17 +74,47 @@ def load_tokenizer(name_or_path: str, use_chat_template: bool) -> TokenizerBundl
     return TokenizerBundle(name_or_path, use_chat_template)
 
 
+@dataclass
+class RunInputs:
+    """What every shard task of one run shares, resolved once by the driver: the sources, the
+    itemised fingerprint and (``plan``, computed only when shards are to be built) the units of
+    every shard (``preprocess.splits``)."""
+
+    sources: list[Source]
+    parts: dict[str, Any]
+    fingerprint: str
+    plan: list[list[Unit]] | None = None
+
+    def with_plan(self, num_shards: int) -> RunInputs:
+        if self.plan is None:
+            self.plan = plan_shards(self.sources, num_shards)
+        return self
+
+
+def resolve_inputs(cfg: PreprocessConfig, spec: TokenizerSpec | None = None) -> RunInputs:
+    """Expand the inputs and fingerprint them with the settings, tokenizer and extractor."""
+    spec = spec or load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()
+    ex = get_extractor(cfg.extractor, **cfg.extractor_options)
+    sources = expand_inputs(cfg.inputs, cfg.hf_split)
+    parts = fingerprint_parts(cfg, sources, spec.fingerprint(), (ex.name, ex.version))
+    return RunInputs(sources, parts, output_fingerprint(parts))
+
+
+PROGRESS_EVERY_S = 0.5
+
+
 class ShardJob:
     """Processes one shard; holds the tokenizer, extractor and counters."""
 
-    def __init__(self, cfg: PreprocessConfig, shard: int, spec: TokenizerSpec) -> None:
+    def __init__(self, cfg: PreprocessConfig, shard: int, spec: TokenizerSpec, inputs: RunInputs) -> None:
         self.cfg = cfg
         self.shard = shard
         self.tok = spec
         self.extractor = get_extractor(cfg.extractor, **cfg.extractor_options)
-        self.sources = expand_inputs(cfg.inputs, cfg.hf_split)
-        self.fingerprint = output_fingerprint(cfg, self.sources, self.tok.fingerprint(),
-                                              (self.extractor.name, self.extractor.version))
+        self.inputs = inputs.with_plan(cfg.num_shards)
+        self.sources = inputs.sources
+        self.units: list[Unit] = inputs.plan[shard]  # type: ignore[index]
+        self.fingerprint = inputs.fingerprint
         self.domains: dict[int, DomainCounts] = {}
         self.rejects: Counter[str] = Counter()
         self.extract_status: Counter[str] = Counter()
@@ -95,10 +129,28 @@ class ShardJob:
         crash = os.environ.get(CRASH_ENV, "")
         c_shard, _, c_after = crash.partition(":")
         self.crash_after = int(c_after) if crash and int(c_shard) == shard else -1
+        self.progress_path = cfg.logging_dir / "progress" / f"shard_{shard:05d}.json"
+        self._t0 = time.time()
+        self._last_progress = 0.0
 
     def records(self) -> Iterator[Record | Reject]:
-        for j, part, nparts in shard_plan(len(self.sources), self.cfg.num_shards, self.shard):
-            yield from iter_records(self.sources[j], self.cfg.fields, part, nparts, self.read)
+        for u in self.units:
+            yield from iter_records(self.sources[u.source], self.cfg.fields, self.read, u)
+
+    def report_progress(self, writer: ShardWriter, done: bool = False) -> None:
+        """Counters for the live display (``cli``), at most every ``PROGRESS_EVERY_S``: not data,
+        so written without fsync to the logging folder."""
+        now = time.time()
+        if not done and now - self._last_progress < PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        state = {"shard": self.shard, "start": self._t0, "now": now, "done": done,
+                 "records": self.read.seen + self.read.blank_lines, "samples": writer.num_samples,
+                 "tokens": writer.num_tokens, "bytes": self.read.bytes_read,
+                 "bytes_total": sum(u.nbytes for u in self.units)}
+        tmp = self.progress_path.with_name(self.progress_path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.progress_path)
 
     def write_rejects(self, writer: ShardWriter, pending: list[tuple[int, Reject]]) -> None:
         """Write a batch's rejects in input order, so the report does not depend on the batch size."""
@@ -112,10 +164,14 @@ class ShardJob:
     def run(self) -> dict[str, Any]:
         folder = Path(self.cfg.output_dir)
         writer = ShardWriter(folder, self.shard, self.tok.vocab_size)
+        self.progress_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             for batch in _batched(self.records(), self.cfg.batch_size):
                 self.process_batch(writer, batch)
-            return writer.finish(self.manifest_extra())
+                self.report_progress(writer)
+            manifest = writer.finish(self.manifest_extra())
+            self.report_progress(writer, done=True)
+            return manifest
         except BaseException:
             writer.abort()
             raise
@@ -298,12 +354,13 @@ class ShardJob:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def manifest_extra(self) -> dict[str, Any]:
-        plan = shard_plan(len(self.sources), self.cfg.num_shards, self.shard)
         return {
             "config_fingerprint": self.fingerprint,
+            "fingerprint_parts": self.inputs.parts,
             "tokenizer": self.tok.info(),
             "extractor": {"name": self.extractor.name, "version": self.extractor.version},
-            "inputs": [{"source": self.sources[j].name, "part": p, "nparts": k} for j, p, k in plan],
+            "inputs": [{"source": self.sources[u.source].name, "start": u.start, "end": u.end,
+                        "bytes": u.nbytes, "first_line": u.line_base + 1} for u in self.units],
             "stats": {
                 "domains": {Domain(k).name.lower(): asdict(v) for k, v in sorted(self.domains.items())},
                 "rejects": dict(sorted(self.rejects.items())),
@@ -312,6 +369,7 @@ class ShardJob:
                 "unmatched_spans": self.unmatched_spans,
                 "records_read": self.read.seen,
                 "blank_lines": self.read.blank_lines,
+                "bytes_read": self.read.bytes_read,
             },
         }
 

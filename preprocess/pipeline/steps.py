@@ -17,8 +17,8 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from preprocess.align import TokenizerSpec
-from preprocess.pipeline.config import PreprocessConfig
-from preprocess.pipeline.shard import ShardJob, load_tokenizer
+from preprocess.pipeline.config import PreprocessConfig, RejectError
+from preprocess.pipeline.shard import RunInputs, ShardJob, load_tokenizer, resolve_inputs
 from preprocess.shards import (
     clean_partial,
     read_manifest,
@@ -29,10 +29,12 @@ from preprocess.shards import (
 )
 
 
-def process_shard(cfg: PreprocessConfig, shard: int, spec: TokenizerSpec | None = None) -> dict[str, Any]:
+def process_shard(cfg: PreprocessConfig, shard: int, spec: TokenizerSpec | None = None,
+                  inputs: RunInputs | None = None) -> dict[str, Any]:
     """Write shard ``shard`` unless it is already complete; return its manifest.
 
-    ``spec`` is the driver's resolved tokenizer; without it the tokenizer is loaded here.
+    ``spec`` and ``inputs`` are the driver's resolved tokenizer and inputs (sources, fingerprint,
+    plan); without them they are resolved here.
     """
     folder = Path(cfg.output_dir)
     name = shard_name(shard)
@@ -41,7 +43,7 @@ def process_shard(cfg: PreprocessConfig, shard: int, spec: TokenizerSpec | None 
     clean_partial(folder, name)
     t0, c0 = time.perf_counter(), time.process_time()
     spec = spec or load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()
-    job = ShardJob(cfg, shard, spec)
+    job = ShardJob(cfg, shard, spec, inputs or resolve_inputs(cfg, spec))
     # The per-batch garbage (encodings, lists) triggers many collections, each of which would also
     # walk every long-lived object (tokenizer, extractor, imported modules): freezing those first
     # saves ~7 % CPU.  Unfrozen afterwards, so an in-process caller (the trainer) is unaffected.
@@ -56,7 +58,9 @@ def process_shard(cfg: PreprocessConfig, shard: int, spec: TokenizerSpec | None 
     # Timings and memory are not deterministic, so they go to the logs, never into the data files.
     timing = {"shard": shard, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "num_samples": manifest["num_samples"], "num_tokens": manifest["num_tokens"]}
+              "num_samples": manifest["num_samples"], "num_tokens": manifest["num_tokens"],
+              "bytes_read": manifest["stats"]["bytes_read"],
+              "records_read": manifest["stats"]["records_read"] + manifest["stats"]["blank_lines"]}
     (cfg.logging_dir / "timing").mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg.logging_dir / "timing" / f"{name}.json", timing)
     return manifest
@@ -69,21 +73,38 @@ def read_timings(cfg_or_logging_dir: PreprocessConfig | Path) -> list[dict[str, 
     return [json.loads(p.read_text()) for p in sorted((d / "timing").glob("shard_*.json"))]
 
 
+def strict_failure_path(cfg: PreprocessConfig, shard: int) -> Path:
+    return cfg.logging_dir / "strict" / f"shard_{shard:05d}.txt"
+
+
 class ShardStep(PipelineStep):
-    """datatrove step: task ``rank`` writes shard ``rank`` (world size must equal num_shards)."""
+    """datatrove step: task ``rank`` writes shard ``rank`` (world size must equal num_shards).
+
+    In strict mode a task that meets a bad record stops and leaves its one-line message in
+    ``strict_failure_path`` instead of raising (no traceback per task); the driver then reports
+    the failure of the lowest shard, which is the first bad record in input order.
+    """
 
     name = "dm-preprocess shard"
     type = "TOKENIZER"
 
-    def __init__(self, cfg: PreprocessConfig, spec: TokenizerSpec | None = None) -> None:
+    def __init__(self, cfg: PreprocessConfig, spec: TokenizerSpec | None = None,
+                 inputs: RunInputs | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.spec = spec
+        self.inputs = inputs
 
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[override]
         if world_size != self.cfg.num_shards:
             raise RuntimeError(f"world_size {world_size} != num_shards {self.cfg.num_shards}")
-        m = process_shard(self.cfg, rank, self.spec)
+        try:
+            m = process_shard(self.cfg, rank, self.spec, self.inputs)
+        except RejectError as e:
+            path = strict_failure_path(self.cfg, rank)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(str(e), encoding="utf-8")
+            return None
         self.stat_update("samples", value=m["num_samples"])
         self.stat_update("tokens", value=m["num_tokens"])
         self.stat_update("rejects", value=m["num_rejects"])
