@@ -315,13 +315,19 @@ def _iter_parquet(src: Source, unit: Unit | None, fields: FieldMap,
     pf = pq.ParquetFile(src.path)
     md = pf.metadata
     groups = range(unit.start, unit.end) if unit is not None else range(md.num_row_groups)
-    stats.bytes_read += sum(md.row_group(g).total_compressed_size for g in groups)
+    stats.bytes_read += sum(row_group_bytes(md, g) for g in groups)
     k = unit.line_base if unit is not None else 0
     for batch in pf.iter_batches(batch_size=2048, row_groups=list(groups)):
         for obj in batch.to_pylist():
             k += 1
             stats.seen += 1
             yield record_from_obj(obj, fields, src.name, k)
+
+
+def row_group_bytes(md: Any, g: int) -> int:
+    """Compressed bytes of row group ``g`` (its column chunks) in Parquet metadata ``md``."""
+    rg = md.row_group(g)
+    return sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
 
 
 def hf_arrow_files(src: Source) -> list[Path]:

@@ -33,6 +33,7 @@ from preprocess.records import (
     arrow_rows,
     hf_arrow_files,
     is_splittable,
+    row_group_bytes,
 )
 
 
@@ -58,7 +59,7 @@ def _pieces(sources: list[Source]) -> list[_Piece]:
             rows = 0
             for g in range(md.num_row_groups):
                 rg = md.row_group(g)
-                out.append(_Piece(j, g, g + 1, rg.total_compressed_size, False, rows))
+                out.append(_Piece(j, g, g + 1, row_group_bytes(md, g), False, rows))
                 rows += rg.num_rows
         elif src.kind == "hf_disk":
             rows = 0
