@@ -5,7 +5,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,8 @@ from preprocess.records import (
     expand_inputs,
     iter_records,
 )
-from preprocess.splits import plan_shards
 from preprocess.shards import Domain
+from preprocess.splits import plan_shards
 
 GOOD = [{"id": f"r{i}", "domain": ["math", "code"][i % 2], "prompt": f"q{i} é", "response": f"a{i} 東"}
         for i in range(10)]
