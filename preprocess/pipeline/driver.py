@@ -166,12 +166,12 @@ def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
             strict_failure_path(cfg, k).unlink(missing_ok=True)
         from loguru import logger
 
-        logger.disable("datatrove")  # its per-task banners and "Total Runtime" lines, in this process
+        logger.disable("datatrove.executor.local")  # "Skipping ...", the final stats block
         try:
             _QuietLocalExecutor(pipeline=[step], tasks=cfg.num_shards, workers=workers,
                                 logging_dir=str(cfg.logging_dir / "shards")).run()
         finally:
-            logger.enable("datatrove")
+            logger.enable("datatrove.executor.local")
         if cfg.strict:
             failed = [p for k in range(cfg.num_shards) if (p := strict_failure_path(cfg, k)).is_file()]
             if failed:  # the lowest shard holds the first bad record in input order
@@ -187,10 +187,16 @@ def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
 
 class _QuietLocalExecutor(LocalPipelineExecutor):
     """Tasks log to their log files only (errors still reach the terminal): datatrove prints a
-    task's console log only for local rank 0, and uses the local rank for nothing else."""
+    task's console log only for local rank 0, and uses the local rank for nothing else; the
+    "k/N tasks completed" counter is only logged, so it is not passed on.  The live display and
+    the summary (``pipeline.report``) say the same from the tasks' own counters."""
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
         return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
+
+    def _launch_run_for_rank(self, rank: int, ranks_q: Any, completed: Any = None,
+                             completed_lock: Any = None) -> Any:
+        return super()._launch_run_for_rank(rank, ranks_q)
 
 
 def _preload_in_forkserver() -> None:
