@@ -28,7 +28,6 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
@@ -232,7 +231,7 @@ class DreamBaseModel(DreamPreTrainedModel):
             position_ids = torch.arange(past, past + inputs_embeds.shape[1],
                                         device=inputs_embeds.device)[None]  # [1, L]
 
-        mask = self._attention_mask(attention_mask, inputs_embeds, cache)
+        mask = self._attention_mask(attention_mask, inputs_embeds)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
@@ -241,15 +240,16 @@ class DreamBaseModel(DreamPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
                                        cache=cache if use_cache else None)
 
-    def _attention_mask(self, attention_mask: torch.Tensor | BlockMask | None, inputs_embeds: torch.Tensor,
-                        cache: Cache | None) -> torch.Tensor | BlockMask | None:
+    def _attention_mask(self, attention_mask: torch.Tensor | BlockMask | None,
+                        inputs_embeds: torch.Tensor) -> torch.Tensor | BlockMask | None:
         """The caller's mask in the form the configured attention function takes (never causal).
 
-        None -> None (every function then attends fully: the layers are not causal); a 2-D [B, K]
-        padding mask (K = cached + L) -> keys blocked where 0, through transformers' bidirectional
-        mask builder; a 4-D boolean [B|1, 1, L, K] mask (True = may attend) -> as is for sdpa,
-        a BlockMask for flex, additive 0 / dtype-min for eager (which adds it to the scores); a 4-D
-        float mask is taken as additive already; a BlockMask (flex_attention only) as is.
+        - None -> None: every attention function then attends fully (the layers are not causal);
+        - a 2-D [B, K] padding mask (K = cached + L) -> the 4-D boolean mask blocking keys where it is 0;
+        - a 4-D boolean [B|1, 1, L, K] mask (True = may attend) -> as is for sdpa, a BlockMask for
+          flex, additive 0 / dtype-min for eager (which adds the mask to the scores);
+        - a 4-D float mask is additive already (as the published code takes it) and passes as is;
+        - a BlockMask (flex_attention only) passes as is.
         """
         impl = self.config._attn_implementation
         if attention_mask is None:
@@ -258,9 +258,8 @@ class DreamBaseModel(DreamPreTrainedModel):
             if impl != "flex_attention":
                 raise ValueError(f"a flex BlockMask needs attn_implementation='flex_attention', not {impl!r}")
             return attention_mask
-        if attention_mask.dim() == 2:
-            return create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                             attention_mask=attention_mask, cache=cache)
+        if attention_mask.dim() == 2:  # [B, K] -> [B, 1, L, K]: padded keys blocked for every query
+            attention_mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, inputs_embeds.shape[1], -1)
         if attention_mask.dim() != 4:
             raise ValueError(f"attention_mask must be [B, K] or [B, 1, L, K], "
                              f"got {tuple(attention_mask.shape)}")
