@@ -139,7 +139,7 @@ def test_gradient_checkpointing_gives_the_same_grads():
         return {n: p.grad.clone() for n, p in m.named_parameters()}
 
     plain = grads()
-    m.gradient_checkpointing_enable()
+    m.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in m.model.layers)
     checkpointed = grads()
     assert plain.keys() == checkpointed.keys()
