@@ -138,6 +138,7 @@ def test_gradient_checkpointing_gives_the_same_grads():
         m(**bd).logits.float().pow(2).mean().backward()
         return {n: p.grad.clone() for n, p in m.named_parameters()}
 
+    assert m(**bd).cache is None  # no cache is built in training unless asked for
     plain = grads()
     m.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in m.model.layers)
@@ -155,6 +156,7 @@ def test_kv_cache_matches_one_full_forward(impl):
     blk = torch.arange(n) // 16
     allowed = (blk[:, None] >= blk[None, :])[None, None].expand(2, 1, n, n)  # [B, 1, L, L]
     full = logits(m, input_ids=ids, attention_mask=allowed)
+    assert isinstance(m(input_ids=ids).cache, DynamicCache)  # eval: config.use_cache (true, as published)
     cache = DynamicCache()
     first = logits(m, input_ids=ids[:, :cut], attention_mask=allowed[:, :, :cut, :cut], cache=cache,
                    use_cache=True)

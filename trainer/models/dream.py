@@ -223,7 +223,9 @@ class DreamBaseModel(DreamPreTrainedModel):
             raise ValueError("DreamBaseModel.forward: give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, L, hidden]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:
+            # A training forward never reads a cache, and filling one copies every layer's keys/values.
+            use_cache = self.config.use_cache and not self.training
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
