@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
+from trainer.attention import block_diffusion_mask
+from trainer.modeling import call_model
 from trainer.models.dream import DreamModel, rope_inv_freq
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference_models" / "dream"
@@ -114,6 +116,17 @@ def test_logits_to_keep_selects_positions():
     for arg, want in [(5, full[:, -5:]), (slice(0, HALF), full[:, :HALF]), (keep, full[:, keep]),
                       (keep.nonzero()[:, 0], full[:, keep])]:
         torch.testing.assert_close(logits(m, **bd, logits_to_keep=arg), want, atol=1e-6, rtol=0)
+
+
+def test_trainer_call_path_gives_the_noisy_half():
+    """The trainer's own block-diffusion mask and call_model (logits_to_keep = noisy half) reproduce it."""
+    ref = reference()
+    mask = block_diffusion_mask(HALF, BLOCK)  # [2L, 2L]
+    assert torch.equal(mask, ref["bd_mask_bool"])
+    with torch.no_grad():
+        got = call_model(model(), input_ids=ref["bd_input_ids"], attention_mask=mask[None, None],
+                         position_ids=ref["bd_position_ids"], keep=slice(0, HALF))
+    torch.testing.assert_close(got, ref["bd_logits"][:, :HALF], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("shard", [None, "60KB"])
