@@ -125,12 +125,14 @@ class Program:
     The tests use the solution's names as if they were defined (each use is a call into the
     candidate process).  With ``entry_point`` set, the tests define ``check(candidate)`` and the
     checker calls it with the solution's function of that name (the HumanEval convention).
+    ``interface``: names the tests take from the solution even where a built-in has that name.
     """
 
     solution: str
     tests: str = ""
     prelude: str = ""
     entry_point: str = ""
+    interface: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -306,7 +308,8 @@ def run_program(program: Program | str, limits: SandboxLimits | None = None, *, 
 
             def check() -> None:
                 try:
-                    verdict.run_checker(conn, program.prelude, program.tests, program.entry_point)
+                    verdict.run_checker(conn, program.prelude, program.tests, program.entry_point,
+                                        program.interface)
                     outcome["passed"] = True
                 except BaseException:  # noqa: BLE001 - any failure of the tests is a fail
                     outcome["error"] = traceback.format_exc(limit=-3)

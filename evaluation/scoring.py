@@ -14,6 +14,8 @@ completion runs in ``evaluation.sandbox``; the tests run outside it (``evaluatio
 
 from __future__ import annotations
 
+import ast
+import builtins
 import re
 
 from math_verify import parse, verify
@@ -131,7 +133,17 @@ def mbpp_program(record: dict, completion: str) -> Program:
     its test trees with the solution's own ``Node`` class (as handles into the candidate).
     """
     tests = "\n".join([record.get("test_setup_code") or "", *record["test_list"]])
-    return Program(solution=extract_code(completion), tests=tests + "\n")
+    return Program(solution=extract_code(completion), tests=tests + "\n", interface=_shadowed(record["code"]))
+
+
+def _shadowed(reference: str) -> tuple[str, ...]:
+    """Built-in names the reference solution defines (MBPP task 126's function is named ``sum``)."""
+    try:
+        tree = ast.parse(reference)
+    except SyntaxError:
+        return ()
+    return tuple(n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                 and hasattr(builtins, n.name))
 
 
 PROGRAM_BUILDERS = {"humaneval": humaneval_program, "mbpp": mbpp_program}
