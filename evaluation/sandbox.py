@@ -189,7 +189,7 @@ def _bwrap_cmd(python: str, limits: SandboxLimits, seccomp_fd: int) -> list[str]
         cmd += ["--ro-bind", prefix, prefix]
     cmd += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache", "--proc", "/proc", "--dev", "/dev",
             "--size", str(4 * limits.file_size_mb << 20), "--tmpfs", WORKDIR, "--chdir", WORKDIR,
-            "--seccomp", str(seccomp_fd), exe]
+            "--remount-ro", "/", "--seccomp", str(seccomp_fd), exe]
     return cmd
 
 
@@ -198,9 +198,7 @@ def _launch(cfg: dict, limits: SandboxLimits, fds: tuple[int, ...], out, err, sc
     """Start the candidate process in its sandbox; ``cfg`` goes on its stdin, ``fds`` stay open.
 
     ``scratch``: the working directory without isolation (with it, the sandbox's own tmpfs)."""
-    scratch.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": str(scratch),
-           "TMPDIR": str(scratch)}
+    env = {"PATH": "/usr/bin:/bin"}
     seccomp_r = None
     if limits.isolation:
         bpf = seccomp_filter()
@@ -214,6 +212,8 @@ def _launch(cfg: dict, limits: SandboxLimits, fds: tuple[int, ...], out, err, sc
         fds = (*fds, seccomp_r)
         cwd = "/"
     else:
+        scratch.mkdir()
+        env.update(LANG="C.UTF-8", PYTHONHASHSEED="0", HOME=str(scratch), TMPDIR=str(scratch))
         cmd, cwd = [_interpreter(limits.python)[0]], str(scratch)
     cmd += ["-I", "-S", "-B", "-c", VERDICT_SOURCE, "candidate"]
     try:
@@ -318,7 +318,13 @@ def run_program(program: Program | str, limits: SandboxLimits | None = None, *, 
             checker.start()
             checker.join(timeout=limits.timeout_s)
             timed_out = checker.is_alive()
-            _kill(proc)  # after the verdict, or on timeout: ends the candidate and all it left
+            if not timed_out:
+                conn.chan.w.close()  # the candidate sees EOF and exits
+                try:
+                    proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            _kill(proc)  # ends the candidate and, with its PID namespace, all it left
             checker.join(timeout=5.0)  # a checker waiting on the candidate now sees EOF
             duration = time.perf_counter() - start
         if not checker.is_alive():  # else a stuck trusted test still holds the channel

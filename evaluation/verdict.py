@@ -207,13 +207,16 @@ def run_candidate(cfg):
            "list": lambda m: list(obj(m["h"])), "len": lambda m: len(obj(m["h"])),
            "bool": lambda m: bool(obj(m["h"])), "str": lambda m: str(obj(m["h"])),
            "repr": lambda m: repr(obj(m["h"]))}
+    sys.stdout.flush()
     chan.send({"ready": True})
     while True:
-        msg = chan.recv()
+        msg = chan.recv()  # EOFError when the checker is done
         try:
-            chan.send({"ok": encode(ops[msg["op"]](msg), handle)})
+            answer = {"ok": encode(ops[msg["op"]](msg), handle)}
         except BaseException as e:  # noqa: BLE001 - whatever the candidate raises goes back as data
-            chan.send({"err": [type(e).__name__, str(e)[:500]]})
+            answer = {"err": [type(e).__name__, str(e)[:500]]}
+        sys.stdout.flush()  # its prints reach the record even if it is killed next
+        chan.send(answer)
 
 
 # ----------------------------------------------------------------------------- checker side
@@ -326,7 +329,8 @@ def main():
     try:
         run_candidate(cfg)
     except EOFError:
-        sys.exit(0)  # the checker is done
+        sys.stdout.flush()
+        os._exit(0)  # the checker is done; nothing of the program's runs after this
     except SystemExit as e:
         sys.stderr.write(f"sandbox: the program exited ({e.code!r}) before the tests ran\n")
         sys.exit(1)
