@@ -23,13 +23,18 @@ HOSTILE: dict[str, str] = {
 import _posixsubprocess, os
 def answer():
     r, w = os.pipe()
-    try:
-        _posixsubprocess.fork_exec([b"/bin/sleep", b"31337"], [b"/bin/sleep"], True, (), None, None,
-                                   -1, -1, -1, -1, -1, -1, r, w, False, True, -1, None, None, None, -1, None)
-    except Exception as e:
-        print("refused:", e)
-        return 0
-    return 42
+    for extra in ([], [False], [False, False]):  # the signature grows across Python versions
+        try:
+            _posixsubprocess.fork_exec([b"/bin/sleep", b"31337"], [b"/bin/sleep"], True, (), None, None,
+                                       -1, -1, -1, -1, -1, -1, r, w, False, True, -1, None, None, None, -1,
+                                       None, *extra)
+        except TypeError:
+            continue
+        except Exception as e:
+            print("refused:", e)
+            return 0
+        return 42
+    return 0
 """,
     "pidfd-kill-host": """
 import os, signal

@@ -71,7 +71,8 @@ def hostile(tmp_path_factory):
     tempfile.tempdir = str(host_tmp)
     try:
         start = time.perf_counter()
-        kernel = run_programs(programs, SandboxLimits(timeout_s=4.0, memory_mb=512, audit_hook=False), workers=4)
+        kernel_only = SandboxLimits(timeout_s=4.0, memory_mb=512, audit_hook=False)
+        kernel = run_programs(programs, kernel_only, workers=4)
         both = run_programs(programs, FAST, workers=4)
         elapsed = time.perf_counter() - start
     finally:
@@ -120,8 +121,9 @@ def test_kernel_layers_refuse_what_the_audit_hook_would(hostile):
     assert k["ignore-sigterm-and-sleep"].status == "timeout"
     assert "Too many open files" in k["fd-exhaustion"].stderr
     assert "MemoryError" in k["huge-allocation"].stderr
-    b = hostile["both"]
-    assert "sandbox: _posixsubprocess.fork_exec is not allowed" in b["setsid-fork-exec"].stdout
+    # _posixsubprocess.fork_exec raises no audit event: only the kernel stops it, hook or not
+    assert "Operation not permitted" in hostile["both"]["setsid-fork-exec"].stdout
+    assert "sandbox: os.fork is not allowed" in hostile["both"]["double-fork-daemon"].stderr
 
 
 def test_correct_program_passes_and_wrong_fails():
@@ -132,9 +134,11 @@ def test_correct_program_passes_and_wrong_fails():
 
 
 def test_values_cross_as_plain_data_and_handles():
-    src = ("import collections, math\nclass Node:\n    def __init__(self, v):\n        self.v, self.left = v, None\n"
+    src = ("import collections, math\n"
+           "class Node:\n    def __init__(self, v):\n        self.v, self.left = v, None\n"
            "def depth(n):\n    return 0 if n is None else 1 + depth(n.left)\n"
-           "def stats(xs):\n    return collections.Counter(xs), tuple(xs), set(xs), math.pi, 2**100, b'\\x00', 1j\n"
+           "def stats(xs):\n"
+           "    return collections.Counter(xs), tuple(xs), set(xs), math.pi, 2**100, b'\\x00', 1j\n"
            "def evens(n):\n    return filter(lambda x: x % 2 == 0, range(n))\n"
            "def picky(x):\n    raise ValueError('no')\n")
     tests = ("root = Node(1)\nroot.left = Node(2)\nassert depth(root) == 2 and root.v == 1\n"
@@ -193,8 +197,8 @@ def test_file_size_limit_and_flood():
 
 
 def test_network_namespace_has_only_a_down_loopback():
-    r = run_program(Program("import socket\nnames = [n for _, n in socket.if_nameindex()]\n", "assert names == ['lo']\n"),
-                    SandboxLimits(timeout_s=4.0, audit_hook=False))
+    src = "import socket\nnames = [n for _, n in socket.if_nameindex()]\n"
+    r = run_program(Program(src, "assert names == ['lo']\n"), SandboxLimits(timeout_s=4.0, audit_hook=False))
     assert r.passed, r.stderr
 
 
@@ -233,7 +237,8 @@ def test_limits_validation():
 
 def test_layers_report():
     layers = sandbox_layers(FAST)
-    assert layers["isolation"] == "bubblewrap" and layers["seccomp"] is True and layers["sandbox_uid"] == 65534
+    assert layers["isolation"] == "bubblewrap" and layers["seccomp"] is True
+    assert layers["sandbox_uid"] == 65534
     assert set(layers["namespaces"]) >= {"user", "pid", "mount", "network", "ipc"}
     who = run_program(Program("import os\nuid = os.getuid()\nhome = os.environ['HOME']\n",
                               "assert uid == 65534 and home == '/tmp'\n"), FAST)
@@ -258,7 +263,8 @@ def test_refused_namespaces_fail_closed_with_one_line():
     assert refused.returncode == 2, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert "kernel isolation is not available" in refused.stderr and "--unsafe-no-isolation" in refused.stderr
-    unsafe = subprocess.run(cmd + ["--unsafe-no-isolation"], capture_output=True, text=True, env=env, timeout=120)
+    unsafe = subprocess.run(cmd + ["--unsafe-no-isolation"], capture_output=True, text=True, env=env,
+                            timeout=120)
     assert unsafe.returncode == 0 and json.loads(unsafe.stdout)["isolation"].startswith("none")
 
 
@@ -269,7 +275,8 @@ from tests.hostile_programs import HOSTILE, TESTS
 fill = dict(canary=sys.argv[1], host_pid=os.getpid(), repo=sys.argv[2], port=1, port6=1, unix="/x",
             abstract="x", secret=os.environ["OPENAI_API_KEY"])
 names = ["fork-bomb", "read-api-key", "write-system-and-harness", "forge-marker-and-exit", "signal-every-pid"]
-progs = [Program("def answer():\\n    return 42\\n", TESTS)] + [Program(HOSTILE[n].format(**fill), TESTS) for n in names]
+progs = [Program("def answer():\\n    return 42\\n", TESTS)]
+progs += [Program(HOSTILE[n].format(**fill), TESTS) for n in names]
 limits = SandboxLimits(timeout_s=8.0, audit_hook=False)
 print(json.dumps({"uid": os.geteuid(), "host_uid": sandbox_layers(limits)["host_uid"],
                   "passed": [r.passed for r in run_programs(progs, limits, workers=2)]}))
