@@ -157,8 +157,9 @@ def audit_hook(root):
     """Second layer only (the kernel sandbox is the wall): refuse processes, signals, sockets,
     ctypes and writes outside ``root`` as early, readable errors."""
     deny = {"os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.exec", "os.system", "os.kill",
-            "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn", "_posixsubprocess.fork_exec"}
-    deny_prefix = ("socket.", "ctypes.", "_ctypes.", "sqlite3.")
+            "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn", "_posixsubprocess.fork_exec",
+            "sqlite3.enable_load_extension", "sqlite3.load_extension"}
+    deny_prefix = ("socket.", "ctypes.", "_ctypes.")
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
     def inside(path):
@@ -170,6 +171,9 @@ def audit_hook(root):
     def hook(event, args):
         if event in deny or event.startswith(deny_prefix):
             raise PermissionError(f"sandbox: {event} is not allowed")
+        if event == "sqlite3.connect" and args[0] not in (":memory:", b":memory:", "") \
+                and not inside(args[0]):
+            raise PermissionError(f"sandbox: sqlite database {args[0]!r} outside {root}")
         if event == "open" and args[0] is not None:
             mode, flags = args[1], args[2] or 0
             if ((isinstance(mode, str) and any(c in mode for c in "wax+")) or flags & write_flags) \

@@ -252,19 +252,29 @@ def test_unsafe_no_isolation_runs_and_says_so():
     assert not run_program(Program("def f():\n    return 0\n", "assert f() == 1\n"), limits).passed
 
 
+FAIL_CLOSED_SCRIPT = """
+import json, sys
+from evaluation.sandbox import SandboxLimits, SandboxUnavailable, sandbox_layers
+try:
+    print(json.dumps(sandbox_layers(SandboxLimits(isolation=sys.argv[1] == "isolated"))))
+except SandboxUnavailable as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
 def test_refused_namespaces_fail_closed_with_one_line():
-    """Inside a sandbox that forbids new user namespaces, the harness refuses to run (exit 2, one
-    line naming the switch) unless --unsafe-no-isolation is given."""
+    """Inside a sandbox that forbids new user namespaces, the harness refuses to run code (one line
+    naming the switch) unless isolation is switched off explicitly."""
     cmd = [bwrap_path(), "--unshare-user", "--disable-userns", "--ro-bind", "/", "/", "--dev", "/dev",
-           "--proc", "/proc", "--tmpfs", "/tmp", "--chdir", str(REPO), sys.executable, "-m", "evaluation.cli",
-           "sandbox-info"]
+           "--proc", "/proc", "--tmpfs", "/tmp", "--chdir", str(REPO),
+           sys.executable, "-c", FAIL_CLOSED_SCRIPT]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
-    refused = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    refused = subprocess.run(cmd + ["isolated"], capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2, refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
     assert "kernel isolation is not available" in refused.stderr and "--unsafe-no-isolation" in refused.stderr
-    unsafe = subprocess.run(cmd + ["--unsafe-no-isolation"], capture_output=True, text=True, env=env,
-                            timeout=120)
+    unsafe = subprocess.run(cmd + ["unsafe"], capture_output=True, text=True, env=env, timeout=120)
     assert unsafe.returncode == 0 and json.loads(unsafe.stdout)["isolation"].startswith("none")
 
 
