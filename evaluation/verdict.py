@@ -30,7 +30,7 @@ import os
 import resource
 import sys
 
-MAX_LINE = 16 << 20          # longest message either side accepts (bytes)
+MAX_LINE = 4 << 20           # longest message either side accepts (bytes)
 MAX_DEPTH = 200              # deepest value the checker decodes
 PLAIN_SEQ = {"t": tuple, "l": list, "S": set, "F": frozenset}
 # modules the tests may use through a solution's import (``math.isclose`` after ``import math``); the
