@@ -1,11 +1,12 @@
 """Running untrusted generated programs under kernel isolation, with a verdict they cannot forge.
 
-See ``docs/sandbox.md`` for the threat model.  Every program is split in two processes
-(``evaluation.verdict``): the *candidate* runs the untrusted solution and answers requests; the
-*checker* runs the trusted test code against it through a pipe and alone can report a pass, on a
-third pipe that only the harness and the checker hold.
+See ``docs/sandbox.md`` for the threat model and what is guaranteed.  Every program is split in two
+(``evaluation.verdict``): the untrusted solution runs alone in the sandboxed *candidate* process and
+answers requests on a pipe; the trusted test code runs in the *checker*, a thread of this (the
+harness) process, which alone decides the verdict.  Nothing the candidate prints, exits with or
+writes can produce a pass; only answers that satisfy the tests can.
 
-Isolation (each process gets its own sandbox, built by **bubblewrap**):
+Isolation of the candidate (built by **bubblewrap**):
 
 - new **user, PID, mount, network, IPC and UTS namespaces** (``--unshare-user/-pid/-net/-ipc/-uts``),
   uid/gid 65534 inside, **no capabilities**, ``no_new_privs``, no further user namespaces
@@ -13,7 +14,8 @@ Isolation (each process gets its own sandbox, built by **bubblewrap**):
 - a **read-only view** of ``/usr`` (and the ``/lib*``, ``/bin`` links) and of the interpreter's own
   prefix, a fresh ``/proc`` of its PID namespace, a minimal ``/dev``, and a private, size-limited
   **tmpfs at /tmp**, the only writable place (the working directory; ``HOME``/``TMPDIR`` point
-  there).  Nothing of the host's files, home, ``/etc``, ``/run`` or sockets is visible;
+  there; the root is remounted read-only).  Nothing of the host's files, home, ``/etc``,
+  ``/run`` or sockets is visible;
 - **no network** (an empty network namespace: only a loopback that is down; abstract unix sockets
   are per namespace too);
 - an empty environment (``--clearenv``): no API keys or other secrets of the parent;
@@ -22,8 +24,8 @@ Isolation (each process gets its own sandbox, built by **bubblewrap**):
 - a **seccomp** filter (``evaluation.seccomp``): no new processes (threads only), no ptrace, keyrings,
   bpf, io_uring, mounts or namespaces;
 - ``--die-with-parent``, and bubblewrap as PID 1 of the namespace: when the harness kills it (after
-  the checker's verdict, on timeout, or because the harness itself dies) the kernel kills every
-  process left in the namespace.  No stray process survives, whatever the program did.
+  the tests, on timeout, or because the harness itself dies) the kernel kills every process left
+  in the namespace.  No stray process survives, whatever the program did.
 - the audit hook of ``evaluation.verdict`` as a second layer only (readable errors, not a wall).
 
 Why bubblewrap rather than ``unshare``: ``unshare(1)`` creates namespaces but cannot build a
@@ -46,8 +48,8 @@ neither containers nor shared machines reliably provide; memory is bounded per p
 
 Where the kernel refuses (no user namespaces, e.g. some containers), ``sandbox_layers`` raises
 ``SandboxUnavailable`` with a one-line reason; ``SandboxLimits(isolation=False)`` (the CLI's
-``--unsafe-no-isolation``) then runs both processes directly, with rlimits and the audit hook only,
-and every report says so.  It is for trusted code only.
+``--unsafe-no-isolation``) then runs the candidate as a plain child process, with rlimits and the
+audit hook only (same verdict protocol), and every report says so.  It is for trusted code only.
 """
 
 from __future__ import annotations

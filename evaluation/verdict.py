@@ -12,7 +12,10 @@ into plain built-in values (None, bool, int, float, complex, str, bytes, tuple, 
 frozenset), a standard-library module it imports itself, or an opaque ``Remote`` handle for
 anything else; a handle equals only itself, and every operation on it is again a request.  So the
 tests' comparisons run in trusted code on plain data: to pass, the candidate has to return the
-right values.  A pass is the checker running the tests to their end without an exception.
+right values.  A pass is the checker running the tests to their end without an exception.  Not
+guaranteed: that the tests are strong enough (hard-coded answers to the tested inputs pass), and
+sharing of objects between tests and solution (arguments are copies: a test that inspects an
+argument the solution mutated in place sees the original).
 
 Wire format: one JSON object per line.  Values are ``[tag, payload]``: ``n`` None, ``b`` bool,
 ``i`` int (decimal string), ``f`` float (``repr``), ``c`` complex, ``s`` str, ``y`` bytes (hex),

@@ -314,3 +314,26 @@ def test_same_behaviour_as_an_ordinary_user(tmp_path):
     assert out["uid"] == 65534 and out["host_uid"] == 65534
     assert out["passed"] == [True, False, False, False, False, False]
     assert (tmp_path / "keep.txt").read_text() == "precious" and _leftovers() == []
+
+
+def test_sandbox_dies_with_the_harness(tmp_path):
+    """SIGKILL of the harness mid-run: bubblewrap (--die-with-parent) takes the program with it."""
+    script = ("from evaluation.sandbox import Program, SandboxLimits, run_program, sandbox_layers\n"
+              "limits = SandboxLimits(timeout_s=120)\nsandbox_layers(limits)\nprint('probed', flush=True)\n"
+              "run_program(Program('import time\\ntime.sleep(120)\\n'), limits)\n")
+    harness = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert harness.stdout.readline() == "probed\n"
+        deadline = time.monotonic() + 60
+        while not any(c.name() != "bwrap" and "The verdict protocol" in " ".join(c.cmdline())
+                      for c in psutil.Process(harness.pid).children(recursive=True)):  # the program itself
+            assert time.monotonic() < deadline and harness.poll() is None, "the program never started"
+            time.sleep(0.1)
+    finally:
+        harness.kill()
+        harness.wait()
+    deadline = time.monotonic() + 10
+    while _leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _leftovers() == []
