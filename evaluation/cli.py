@@ -75,6 +75,9 @@ def _paths(args: argparse.Namespace) -> dict[str, Path]:
 
 
 def _limits(args: argparse.Namespace) -> SandboxLimits:
+    if args.unsafe_no_isolation:
+        print("dm-evaluate: WARNING: --unsafe-no-isolation: programs run without kernel isolation "
+              "(trusted code only; see docs/sandbox.md)", file=sys.stderr)
     return SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb, python=args.sandbox_python,
                          isolation=not args.unsafe_no_isolation)
 
