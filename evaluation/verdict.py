@@ -311,6 +311,8 @@ class Namespace(dict):
         if hasattr(builtins, name) and name not in self.interface:
             raise KeyError(name)  # the interpreter then falls back to the (real) built-ins
         value = self.conn.ask("global", name=name)
+        if type(value).__name__ == "module" and value.__name__ != name:
+            raise NameError(f"the solution's {name!r} is module {value.__name__!r}")  # no swapped modules
         if isinstance(value, Remote) or type(value).__name__ == "module":
             self[name] = value
         return value

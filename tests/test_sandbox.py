@@ -337,3 +337,10 @@ def test_sandbox_dies_with_the_harness(tmp_path):
     while _leftovers() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _leftovers() == []
+
+
+def test_modules_come_from_the_checker_under_their_own_name():
+    ok = run_program(Program("import math\n", "assert math.isclose(math.pi, 3.14159, rel_tol=1e-5)\n"), FAST)
+    assert ok.passed, ok.stderr
+    swapped = run_program(Program("import operator as math\n", "assert math.truth(1)\n"), FAST)
+    assert not swapped.passed and "is module 'operator'" in swapped.stderr
