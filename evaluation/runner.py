@@ -192,7 +192,8 @@ def read_completions(path: Path, problems: list[Problem]) -> tuple[list[str | No
                 continue
             i = wanted.get(str(rec["task_id"]))
             if i is None:
-                errors.append(f"{where}: task_id: {rec['task_id']!r} is not a problem of this benchmark file")
+                errors.append(f"{where}: task_id: {rec['task_id']!r} is not a problem being scored "
+                              "(not in the benchmark file, or beyond --limit)")
             elif out[i] is not None:
                 errors.append(f"{where}: task_id: {rec['task_id']!r} appears twice")
             else:

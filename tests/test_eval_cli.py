@@ -156,7 +156,7 @@ def test_score_completions_made_elsewhere(tmp_path, capsys):
                "--out", str(tmp_path / "out")])
     captured = capsys.readouterr()
     assert rc == 1   # bad lines make the exit status non-zero
-    for line, what in [(3, "invalid JSON"), (4, "is not a problem"), (5, "appears twice")]:
+    for line, what in [(3, "invalid JSON"), (4, "is not a problem being scored"), (5, "appears twice")]:
         assert f"{comp}:{line}: " in captured.err and what in captured.err
     assert "1 problem(s) without a completion (scored 0), 3 bad line(s) skipped" in captured.out
     res = load_results(tmp_path / "out" / "vllm_humaneval.json")
