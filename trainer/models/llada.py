@@ -173,6 +173,21 @@ class LLaDANorm(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+class LLaDALinear(nn.Linear):
+    """``nn.Linear`` that records what the published init scales by (the init runs module by module).
+
+    ``block_output_of``: layer index of a block's output projection (``attn_out``, ``ff_out``), whose
+    "mitchell" std is further divided by sqrt(2 (layer + 1)); ``residual``: the block ``ff_out``, divided
+    by sqrt(2 n_layers) under the "normal" init.
+    """
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, *, block_output_of: int | None = None,
+                 residual: bool = False) -> None:
+        super().__init__(d_in, d_out, bias=bias)
+        self.block_output_of = block_output_of
+        self.residual = residual
+
+
 class LLaDARotaryEmbedding(nn.Module):
     """RoPE cos/sin for given positions; ``inv_freq`` is derived per call, so no buffer can be left stale."""
 
@@ -208,14 +223,14 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         d, kv, ff = config.d_model, config.num_key_value_heads * config.head_dim, config.intermediate_size
         qkv_bias = bool(config.include_bias or config.include_qkv_bias)
         self.attn_norm = LLaDANorm(config)
-        self.q_proj = nn.Linear(d, d, bias=qkv_bias)
-        self.k_proj = nn.Linear(d, kv, bias=qkv_bias)
-        self.v_proj = nn.Linear(d, kv, bias=qkv_bias)
-        self.attn_out = nn.Linear(d, d, bias=config.include_bias)
+        self.q_proj = LLaDALinear(d, d, qkv_bias)
+        self.k_proj = LLaDALinear(d, kv, qkv_bias)
+        self.v_proj = LLaDALinear(d, kv, qkv_bias)
+        self.attn_out = LLaDALinear(d, d, config.include_bias, block_output_of=layer_idx)
         self.ff_norm = LLaDANorm(config)
-        self.ff_proj = nn.Linear(d, ff, bias=config.include_bias)
-        self.up_proj = nn.Linear(d, ff, bias=config.include_bias)
-        self.ff_out = nn.Linear(ff, d, bias=config.include_bias)
+        self.ff_proj = LLaDALinear(d, ff, config.include_bias)
+        self.up_proj = LLaDALinear(d, ff, config.include_bias)
+        self.ff_out = LLaDALinear(ff, d, config.include_bias, block_output_of=layer_idx, residual=True)
         self.dropout = nn.Dropout(config.residual_dropout)
 
     def _rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -280,22 +295,12 @@ class LLaDAPreTrainedModel(PreTrainedModel):
                 cut = cfg.init_cutoff_factor * std
                 init.trunc_normal_(weight, mean=0.0, std=std, a=-cut, b=cut)
 
-        if isinstance(module, LLaDALlamaBlock):
-            for lin in (module.q_proj, module.k_proj, module.v_proj, module.ff_proj, module.up_proj):
-                fill(lin.weight, cfg.d_model)
-            fill(module.attn_out.weight, cfg.d_model, module.layer_idx)
-            fill(module.ff_out.weight, cfg.intermediate_size, module.layer_idx, residual=True)
-            for lin in (module.q_proj, module.k_proj, module.v_proj, module.attn_out, module.ff_proj,
-                        module.up_proj, module.ff_out):
-                if lin.bias is not None:
-                    init.zeros_(lin.bias)
-        elif isinstance(module, LLaDAModel):
-            wte_factor = 0.5 * math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0
-            fill(module.transformer.wte.weight, cfg.d_model, factor=wte_factor)
-            if "ff_out" in module.transformer:
-                fill(module.transformer.ff_out.weight, cfg.d_model)
-                if module.transformer.ff_out.bias is not None:
-                    init.zeros_(module.transformer.ff_out.bias)
+        if isinstance(module, LLaDALinear):
+            fill(module.weight, module.in_features, module.block_output_of, residual=module.residual)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            fill(module.weight, cfg.d_model, factor=0.5 * math.sqrt(cfg.d_model) if cfg.scale_logits else 1.0)
         elif isinstance(module, LLaDANorm):
             if module.weight is not None:
                 init.ones_(module.weight)
@@ -319,8 +324,8 @@ class LLaDAModel(LLaDAPreTrainedModel):
             ln_f=LLaDANorm(config),
         ))
         if not config.weight_tying:
-            self.transformer["ff_out"] = nn.Linear(config.d_model, config.padded_vocab_size,
-                                                   bias=config.include_bias)
+            self.transformer["ff_out"] = LLaDALinear(config.d_model, config.padded_vocab_size,
+                                                     config.include_bias)
         self.rotary_emb = LLaDARotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
