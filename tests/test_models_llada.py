@@ -186,6 +186,14 @@ def test_kv_cache_chunks_equal_full_pass(impl: str, cache_kwarg: str) -> None:
 
 
 @needs_fixture
+def test_published_attention_bias_is_refused() -> None:
+    """The published forward takes ``attention_bias`` and ignores it; ours must not ignore it silently."""
+    ids = reference()["input_ids"][:, :8]
+    with pytest.raises(TypeError, match="attention_bias"):
+        load()(input_ids=ids, attention_bias=torch.zeros(1, 1, 8, 8))
+
+
+@needs_fixture
 def test_logits_to_keep() -> None:
     model, ids = load(), reference()["input_ids"]
     with torch.no_grad():

@@ -11,6 +11,9 @@ Where it differs from the published code, which ignores both (see the fixture's 
 ``position_ids`` are honoured, and a transformers ``Cache`` keeps keys/values of earlier chunks.  Config
 values selecting code paths we do not implement (ALiBi, the "sequential" block, QK-norm, block groups ...)
 are refused in ``LLaDAConfig.__post_init__`` instead of silently computing something else.
+
+Longer than 400 lines because the config (48 published keys) and the model share one module, as every
+model family does here.
 """
 
 from __future__ import annotations
@@ -348,6 +351,9 @@ class LLaDAModel(LLaDAPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LLaDA forward: pass exactly one of input_ids and inputs_embeds")
+        if "attention_bias" in kwargs:  # the published argument, which that code silently ignores
+            raise TypeError("LLaDA forward: attention_bias is not taken; pass the mask as a 4-D boolean "
+                            "attention_mask (True = may attend)")
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds  # [B, L, D]
         if self.config.input_emb_norm:
             x = x * self.config.d_model ** 0.5
