@@ -170,6 +170,8 @@ def test_kv_cache_chunks_equal_full_pass(impl: str, cache_kwarg: str) -> None:
     mask = block_causal(n)
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
+        created = model(input_ids=ids[:, :4], use_cache=True).cache
+        assert isinstance(created, DynamicCache) and created.get_seq_length() == 4
         cache = DynamicCache()
         first = model(input_ids=ids[:, :split], attention_mask=mask[..., :split, :split],
                       use_cache=True, **{cache_kwarg: cache})

@@ -358,7 +358,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
         if self.config.input_emb_norm:
             x = x * self.config.d_model ** 0.5
         x = self.transformer.emb_drop(x)
-        if use_cache and cache is None:
+        if (self.config.use_cache if use_cache is None else use_cache) and cache is None:
             cache = DynamicCache()
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None else 0
@@ -367,8 +367,7 @@ class LLaDAModel(LLaDAPreTrainedModel):
         position_embeddings = self.rotary_emb(position_ids)
         for block in self.transformer.blocks:
             x = block(x, attention_mask=mask, position_embeddings=position_embeddings, cache=cache, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.transformer.ln_f(x),
-                                       cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=self.transformer.ln_f(x), cache=cache)
 
     def _attention_mask(self, x: torch.Tensor, attention_mask, cache: Cache | None):
         """The caller's mask in the form the attention implementation takes (never causal).
