@@ -182,3 +182,23 @@ def test_flags_map_onto_config():
     assert not cfg.use_chat_template
     with pytest.raises(Exception, match="key=value"):
         _kv("novalue")
+
+
+def test_progress_reports_and_table(built: Path, small_input: Path):
+    from rich.console import Console
+
+    from preprocess.pipeline.report import progress_table, read_progress
+
+    states = read_progress(built / "logs", since=0.0)
+    assert [s["shard"] for s in states] == [0, 1] and all(s["done"] for s in states)
+    assert sum(s["records"] for s in states) == len(small_input.read_text().splitlines())
+    assert sum(s["bytes"] for s in states) >= small_input.stat().st_size
+    assert read_progress(built / "logs", since=max(s["start"] for s in states) + 1) == []  # older runs
+    running = [dict(states[0], done=False, bytes=states[0]["bytes_total"] // 2, now=states[0]["start"] + 2.0)]
+    console = Console(width=100, record=True)
+    console.print(progress_table(running, running[0]["start"] + 2.0, 2, running[0]["start"],
+                                 planned_bytes=4 * states[0]["bytes_total"]))
+    text = console.export_text()
+    assert "records/s" in text and "tokens/s" in text and "MB/s" in text and "ETA" in text
+    assert "shard 0" in text and "50 %" in text and "12 %" in text  # 1/2 of the task, 1/8 overall
+    assert "2 s" in text  # this task's ETA: as long again as it has run

@@ -39,6 +39,7 @@ from typing import Any
 from datatrove.executor import LocalPipelineExecutor
 
 from preprocess.pipeline.config import PreprocessConfig, RejectError, describe_change
+from preprocess.pipeline.report import write_plan_bytes
 from preprocess.pipeline.shard import RunInputs, load_tokenizer, resolve_inputs
 from preprocess.pipeline.steps import (
     ShardStep,
@@ -156,8 +157,11 @@ def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
     folder = Path(cfg.output_dir)
     _check_existing(cfg, inputs)
     _reset_stale_markers(cfg)
-    inputs.with_plan(cfg.num_shards)
+    plan = inputs.with_plan(cfg.num_shards).plan
     if cfg.executor == "local":
+        todo = {k: sum(u.nbytes for u in units) for k, units in enumerate(plan)  # type: ignore[arg-type]
+                if not shard_is_complete(folder, shard_name(k))}
+        write_plan_bytes(cfg.logging_dir, todo)
         step = ShardStep(cfg, spec, inputs)
         workers = cfg.workers if cfg.workers > 0 else min(cfg.num_shards, os.cpu_count() or 1)
         if workers > 1:

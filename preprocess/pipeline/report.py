@@ -30,6 +30,24 @@ def read_progress(logging_dir: Path, since: float) -> list[dict[str, Any]]:
     return out
 
 
+PLAN_FILE = "plan.json"
+
+
+def write_plan_bytes(logging_dir: Path, todo: dict[int, int]) -> None:
+    """Input bytes of each shard this run will build, so the overall ETA covers tasks not started."""
+    folder = Path(logging_dir) / "progress"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PLAN_FILE).write_text(json.dumps({"time": time.time(), "bytes": todo}))
+
+
+def _planned_bytes(logging_dir: Path, since: float) -> int | None:
+    try:
+        plan = json.loads((Path(logging_dir) / "progress" / PLAN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return sum(plan["bytes"].values()) if plan["time"] >= since else None
+
+
 def _rates(s: dict[str, Any], elapsed: float) -> tuple[str, str, str, str, str]:
     el = max(elapsed, 1e-9)
     left = s["bytes_total"] - s["bytes"]
@@ -40,8 +58,10 @@ def _rates(s: dict[str, Any], elapsed: float) -> tuple[str, str, str, str, str]:
             f"{min(pct, 100.0):.0f} %", eta)
 
 
-def progress_table(states: list[dict[str, Any]], now: float, num_shards: int, since: float) -> Any:
-    """Running tasks, one row each, and an overall row (rates over the wall time of this run)."""
+def progress_table(states: list[dict[str, Any]], now: float, num_shards: int, since: float,
+                   planned_bytes: int | None = None) -> Any:
+    """Running tasks, one row each, and an overall row (rates over the wall time of this run; its
+    ETA over ``planned_bytes``, all the input of the shards this run builds, when known)."""
     from rich.table import Table
 
     t = Table(title=f"dm-preprocess: {sum(s['done'] for s in states)} of {len(states)} task(s) of this run "
@@ -52,7 +72,9 @@ def progress_table(states: list[dict[str, Any]], now: float, num_shards: int, si
         if not s["done"]:
             t.add_row(f"shard {s['shard']}", *_rates(s, s["now"] - s["start"]))
     total = {k: sum(s[k] for s in states) for k in ("records", "tokens", "bytes", "bytes_total")}
-    total["done"] = bool(states) and all(s["done"] for s in states)
+    if planned_bytes is not None:
+        total["bytes_total"] = planned_bytes
+    total["done"] = bool(states) and all(s["done"] for s in states) and total["bytes"] >= total["bytes_total"]
     t.add_row("all", *_rates(total, now - since), style="bold")
     return t
 
@@ -69,7 +91,7 @@ class LiveProgress:
 
     def _render(self) -> Any:
         return progress_table(read_progress(self.logging_dir, self.since), time.time(), self.num_shards,
-                              self.since)
+                              self.since, _planned_bytes(self.logging_dir, self.since))
 
     def _loop(self) -> None:
         from rich.live import Live
