@@ -138,6 +138,22 @@ def plan_balance(plan: list[list[Unit]]) -> float:
     return max(sizes) / mean if mean else 1.0
 
 
+def imbalance_note(sources: list[Source], plan: list[list[Unit]], tolerance: float = 0.10) -> str | None:
+    """One line of advice when some shard gets more than ``1 + tolerance`` times the mean input
+    bytes (only indivisible pieces cause that: big compressed files, few Parquet row groups)."""
+    balance = plan_balance(plan)
+    if balance <= 1 + tolerance:
+        return None
+    sizes = [sum(u.nbytes for u in units) for units in plan]
+    heavy = plan[sizes.index(max(sizes))]
+    biggest = max(heavy, key=lambda u: u.nbytes)
+    src = sources[biggest.source]
+    fix = (f"dm-preprocess split-input {src.path} --parts {len(plan)} --output <folder>"
+           if src.kind == "jsonl" else "rewrite it with smaller row groups / more files")
+    return (f"note: unbalanced shards (largest {balance:.1f}x the mean input bytes): {src.name} cannot be "
+            f"split ({src.kind}, {biggest.nbytes / 1e6:,.0f} MB in one piece); for parallel work: {fix}")
+
+
 # ------------------------------------------------------------------------------- split-input helper
 
 

@@ -233,3 +233,15 @@ def test_split_input_rewrites_one_compressed_file(tmp_path: Path):
     assert keys == [r.key for r in _read_all(big)]
     sizes = [len(zstandard.ZstdDecompressor().decompressobj().decompress(q.read_bytes())) for q in parts]
     assert min(sizes) > 0
+
+
+def test_imbalance_note_recommends_split_input(tmp_path: Path):
+    from preprocess.splits import imbalance_note
+
+    _write_jsonl(tmp_path / "big.jsonl.gz", [dict(GOOD[0], id=f"b{i}") for i in range(500)], gzip.open)
+    _write_jsonl(tmp_path / "small.jsonl", GOOD)
+    sources = expand_inputs([tmp_path])
+    note = imbalance_note(sources, plan_shards(sources, 4))
+    assert note is not None and "big.jsonl.gz cannot be split" in note
+    assert "dm-preprocess split-input" in note and "--parts 4" in note
+    assert imbalance_note(sources[1:], plan_shards(sources[1:], 4)) is None  # plain files split evenly

@@ -32,6 +32,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from preprocess.shards import (
     shard_name,
     write_index,
 )
+from preprocess.splits import imbalance_note
 
 
 def _check_existing(cfg: PreprocessConfig, inputs: RunInputs) -> None:
@@ -158,6 +160,9 @@ def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
     _check_existing(cfg, inputs)
     _reset_stale_markers(cfg)
     plan = inputs.with_plan(cfg.num_shards).plan
+    note = imbalance_note(inputs.sources, plan)  # type: ignore[arg-type]
+    if note:
+        print(note, file=sys.stderr)
     if cfg.executor == "local":
         todo = {k: sum(u.nbytes for u in units) for k, units in enumerate(plan)  # type: ignore[arg-type]
                 if not shard_is_complete(folder, shard_name(k))}
