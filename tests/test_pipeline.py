@@ -69,7 +69,24 @@ class BrokenExtractor:
         return [ExtractResult(spans=[Span(0, len(it.response) + 5)], status="partial") for it in items]
 
 
-EXTRACTORS.update({"test-digits": DigitsExtractor, "test-broken": BrokenExtractor})
+class CrashingExtractor:
+    """Raises on its second batch (an extractor bug, or a lost connection)."""
+
+    name = "test-crash"
+    version = "1"
+
+    def __init__(self, **_: object) -> None:
+        self.calls = 0
+
+    def extract_batch(self, items: Sequence[ExtractInput]) -> list[ExtractResult]:
+        self.calls += 1
+        if self.calls == 2:
+            raise ConnectionError("extractor backend\nwent away")
+        return [ExtractResult() for _ in items]
+
+
+EXTRACTORS.update({"test-digits": DigitsExtractor, "test-broken": BrokenExtractor,
+                   "test-crash": CrashingExtractor})
 
 
 def _subset(tmp_path: Path, n: int = 90, every: int = 33) -> tuple[Path, dict[str, dict]]:
@@ -456,3 +473,18 @@ def test_concurrent_drivers_share_one_output(tmp_path: Path):
     ref = run_pipeline(_cfg(inp, tmp_path / "ref"))
     assert verify(tmp_path / "shared") == []
     assert _data_files(tmp_path / "shared") == _data_files(ref)
+
+
+def test_a_failing_task_is_one_line_with_its_log(tmp_path: Path, capsys):
+    from preprocess.cli import main
+
+    inp, _ = _subset(tmp_path, n=40)
+    args = ["run", "--input", str(inp), "--output", str(tmp_path / "o"), "--workers", "1",
+            "--num-shards", "2", "--extractor", "test-crash", "--batch-size", "4"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and "Traceback" not in captured.err + captured.out, captured.err
+    log = tmp_path / "o" / "logs" / "shards" / "logs" / "task_00000.log"
+    assert err == f"error: shard_00000: ConnectionError: extractor backend went away (traceback in {log})"
+    assert "Traceback" in log.read_text() and not (tmp_path / "o" / "shard_00000.json").exists()

@@ -24,6 +24,10 @@ class RejectError(RuntimeError):
     """Raised in ``strict`` mode at the first rejected record, naming its file, line and reason."""
 
 
+class ShardTaskError(RuntimeError):
+    """A shard task failed (its message names the shard and the task's log with the traceback)."""
+
+
 @dataclass(kw_only=True)
 class SlurmOptions:
     """Options passed to datatrove's ``SlurmPipelineExecutor`` (one array job + a merge job)."""

@@ -39,13 +39,14 @@ from typing import Any
 
 from datatrove.executor import LocalPipelineExecutor
 
-from preprocess.pipeline.config import PreprocessConfig, RejectError, describe_change
+from preprocess.pipeline.config import PreprocessConfig, describe_change
 from preprocess.pipeline.report import write_plan_bytes
 from preprocess.pipeline.shard import RunInputs, load_tokenizer, resolve_inputs
 from preprocess.pipeline.steps import (
     ShardStep,
     _MergeStep,
-    strict_failure_path,
+    failure_path,
+    raise_first_failure,
 )
 from preprocess.shards import (
     INDEX_FILE,
@@ -172,7 +173,7 @@ def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
         if workers > 1:
             _preload_in_forkserver()
         for k in range(cfg.num_shards):
-            strict_failure_path(cfg, k).unlink(missing_ok=True)
+            failure_path(cfg, k).unlink(missing_ok=True)
         from loguru import logger
 
         logger.disable("datatrove.executor.local")  # "Skipping ...", the final stats block
@@ -181,10 +182,7 @@ def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
                                 logging_dir=str(cfg.logging_dir / "shards")).run()
         finally:
             logger.enable("datatrove.executor.local")
-        if cfg.strict:
-            failed = [p for k in range(cfg.num_shards) if (p := strict_failure_path(cfg, k)).is_file()]
-            if failed:  # the lowest shard holds the first bad record in input order
-                raise RejectError(failed[0].read_text(encoding="utf-8"))
+        raise_first_failure(cfg)
         write_index(cfg.output_dir, cfg.num_shards, cfg.output_settings())
         return folder
     # Shards may be rebuilt: the old index and the merge job's completion marker are stale.

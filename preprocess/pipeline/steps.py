@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
+from loguru import logger
 
 from preprocess.align import TokenizerSpec
-from preprocess.pipeline.config import PreprocessConfig, RejectError
+from preprocess.pipeline.config import PreprocessConfig, RejectError, ShardTaskError
 from preprocess.pipeline.shard import RunInputs, ShardJob, load_tokenizer, resolve_inputs
 from preprocess.shards import (
     clean_partial,
@@ -73,16 +74,29 @@ def read_timings(cfg_or_logging_dir: PreprocessConfig | Path) -> list[dict[str, 
     return [json.loads(p.read_text()) for p in sorted((d / "timing").glob("shard_*.json"))]
 
 
-def strict_failure_path(cfg: PreprocessConfig, shard: int) -> Path:
-    return cfg.logging_dir / "strict" / f"shard_{shard:05d}.txt"
+def failure_path(cfg: PreprocessConfig, shard: int) -> Path:
+    return cfg.logging_dir / "failures" / f"shard_{shard:05d}.json"
+
+
+def raise_first_failure(cfg: PreprocessConfig) -> None:
+    """Re-raise, in the driver, the failure of the lowest failed shard: with ``strict`` that is the
+    first bad record in input order (shards are consecutive stretches of the input)."""
+    for k in range(cfg.num_shards):
+        path = failure_path(cfg, k)
+        if path.is_file():
+            f = json.loads(path.read_text(encoding="utf-8"))
+            if f["kind"] == "reject":
+                raise RejectError(f["message"])
+            raise ShardTaskError(f"{shard_name(k)}: {f['message']} (traceback in {f['log']})")
 
 
 class ShardStep(PipelineStep):
     """datatrove step: task ``rank`` writes shard ``rank`` (world size must equal num_shards).
 
-    In strict mode a task that meets a bad record stops and leaves its one-line message in
-    ``strict_failure_path`` instead of raising (no traceback per task); the driver then reports
-    the failure of the lowest shard, which is the first bad record in input order.
+    On the local executor a failing task leaves a one-line account in ``failure_path`` (the
+    traceback goes to the task's log file only) and returns, so the terminal gets no traceback
+    per task; the driver then raises the lowest shard's failure (``raise_first_failure``).  On
+    SLURM the task also fails, so the array job shows it.
     """
 
     name = "dm-preprocess shard"
@@ -100,10 +114,19 @@ class ShardStep(PipelineStep):
             raise RuntimeError(f"world_size {world_size} != num_shards {self.cfg.num_shards}")
         try:
             m = process_shard(self.cfg, rank, self.spec, self.inputs)
-        except RejectError as e:
-            path = strict_failure_path(self.cfg, rank)
+        except Exception as e:
+            log = self.cfg.logging_dir / "shards" / "logs" / f"task_{rank:05d}.log"
+            if not isinstance(e, RejectError):
+                logger.opt(exception=e).debug("shard task failed")  # to the task's log file
+            path = failure_path(self.cfg, rank)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(str(e), encoding="utf-8")
+            message = " ".join(str(e).split()) or type(e).__name__
+            if not isinstance(e, RejectError):
+                message = f"{type(e).__name__}: {message}"
+            write_json_atomic(path, {"kind": "reject" if isinstance(e, RejectError) else "error",
+                                     "message": message, "log": str(log)})
+            if self.cfg.executor == "slurm":
+                raise
             return None
         self.stat_update("samples", value=m["num_samples"])
         self.stat_update("tokens", value=m["num_tokens"])
