@@ -287,13 +287,10 @@ def _iter_jsonl(src: Source, unit: Unit | None, fields: FieldMap,
 
 
 def _byte_range_lines(path: Path, start: int, end: int, stats: ReadStats) -> Iterator[bytes]:
-    """The lines of a plain file that *start* in ``[start, end)``.
-
-    A line crossing ``end`` is read to its end here; the next range skips it by reading from
-    ``start - 1`` to the first newline (a line starts at ``start`` iff byte ``start - 1`` is a
-    newline).  Newline bytes never occur inside a multi-byte UTF-8 character, so no character is
-    cut, and ``\r\n`` endings are whitespace to the JSON parser.
-    """
+    """The lines of a plain file that *start* in ``[start, end)``: a line crossing ``end`` is read
+    to its end here; the next range skips it by reading from ``start - 1`` to the first newline (a
+    line starts at ``start`` iff byte ``start - 1`` is a newline).  Newline bytes never occur inside
+    a multi-byte UTF-8 character, and ``\r\n`` endings are whitespace to the JSON parser."""
     with open(path, "rb", buffering=1 << 20) as f:
         if start > 0:
             f.seek(start - 1)
@@ -312,8 +309,7 @@ def _iter_parquet(src: Source, unit: Unit | None, fields: FieldMap,
                   stats: ReadStats) -> Iterator[Record | Reject]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(src.path)
-    md = pf.metadata
+    md = (pf := pq.ParquetFile(src.path)).metadata
     groups = range(unit.start, unit.end) if unit is not None else range(md.num_row_groups)
     stats.bytes_read += sum(row_group_bytes(md, g) for g in groups)
     k = unit.line_base if unit is not None else 0
@@ -374,13 +370,12 @@ def is_splittable(src: Source) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Unit:
-    """A piece of one source that one task reads: the unit of work splitting (``preprocess.splits``).
+    """A piece of one source that one task reads (``preprocess.splits`` decides them).
 
     ``start``/``end`` (end exclusive) count bytes for plain JSONL (the lines that *start* in the
-    range), row groups for Parquet, Arrow files for a saved HF dataset; a compressed stream is
-    always one whole unit (``0``..its size).  ``line_base`` is the number of lines (rows) of the
-    source before the unit's first one, so reported line numbers are the file's own.  ``nbytes``
-    is the input bytes the unit covers (its balancing weight).
+    range), row groups for Parquet, Arrow files for a saved HF dataset; a compressed stream is one
+    whole unit (``0``..its size).  ``line_base``: lines (rows) of the source before the unit, so
+    reported line numbers are the file's own.  ``nbytes``: input bytes covered (balancing weight).
     """
 
     source: int
