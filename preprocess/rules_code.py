@@ -151,7 +151,8 @@ def drop_nested(spans: list[Span]) -> list[Span]:
 def _result_names(func: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[frozenset[str], frozenset[str]]:
     """``(returned bare, read by any return/yield)`` of ``func`` itself, not of functions nested in it.
 
-    ``return result`` puts ``result`` in both; ``return 1 << count`` puts ``count`` in the second only.
+    ``return result`` and ``return (s, e)`` put their names in both; ``return 1 << count`` puts
+    ``count`` in the second only.
     """
     bare: set[str] = set()
     read: set[str] = set()
@@ -161,8 +162,8 @@ def _result_names(func: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[frozens
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
             continue
         if isinstance(node, (ast.Return, ast.Yield, ast.YieldFrom)) and node.value is not None:
-            if isinstance(node.value, ast.Name):
-                bare.add(node.value.id)
+            parts = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            bare.update(p.id for p in parts if isinstance(p, ast.Name))
             read |= _names(node.value)
         stack.extend(ast.iter_child_nodes(node))
     return frozenset(bare), frozenset(read)
@@ -181,7 +182,7 @@ def _trivial(value: ast.AST) -> bool:
     if isinstance(value, ast.BinOp) and isinstance(value.op, ast.Mult):
         return _trivial(value.left) and isinstance(value.left, (ast.List, ast.Tuple))  # [0] * n
     if isinstance(value, ast.ListComp):  # [[0 for _ in range(n)] for _ in range(m)]
-        return isinstance(value.elt, ast.Constant) or _trivial(value.elt)
+        return not isinstance(value.elt, ast.Name) and _trivial(value.elt)
     return False
 
 
@@ -382,10 +383,17 @@ def _comprehension(value: ast.AST) -> ast.AST | None:
 
 
 def _element(comp: ast.AST, span, kind: str) -> Span | None:
-    """Span of a comprehension's element (``key: value`` for a dict comprehension)."""
+    """Span of a comprehension's element (``key: value`` for a dict comprehension); when the element
+    only names the loop variable, nothing if a filter follows (marked as a condition), else the whole
+    comprehension."""
     if isinstance(comp, ast.DictComp):
         return _join(span(comp.key, kind), span(comp.value, kind))
-    return span(comp.elt, kind)  # type: ignore[attr-defined]
+    elt = comp.elt  # type: ignore[attr-defined]
+    if not _bare(elt):
+        return span(elt, kind)
+    if any(g.ifs for g in comp.generators):  # type: ignore[attr-defined]
+        return None  # [x for x in xs if p(x)]: the filter says it all
+    return span(comp, kind)  # [e for s in xss for e in s]: the clauses are the computation
 
 
 @dataclass(frozen=True, slots=True)

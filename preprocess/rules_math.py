@@ -14,13 +14,14 @@ Marked, per kind:
 - ``final_answer``: the value after ``####``, after "the answer is", after a line-initial ``A:`` or
   ``Answer:``, and the inside of
   ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces matched);
-- ``latex``: the inside of ``$$...$$``, ``\\[...\\]``, ``\\(...\\)``, ``\\begin{equation|align|...}``
+- ``latex``: the inside of ``$$...$$``, ``\\[...\\]``, ``\\begin{equation|align|...}``
   (display math is a derivation: always marked, row by row, without the ``\\\\`` row breaks and
-  trailing ``,``/``.``) and inline ``$...$`` *only when it states something*: a relation (``=``,
-  ``<``, ``\\le``, ``\\Rightarrow``, ...).  A bare mention (``$x$``-axis, ``$(j,k)$``, ``$\\dots$``,
-  ``$6432$``) is not dense.  Inline dollars follow pandoc's rule (no space after the opening ``$``,
-  none before the closing one, no digit right after it) so that GSM8K prices (``$12 x 5 = $60``)
-  are not read as formulas.  ``\\boxed{``/``}`` wrappers are glue inside any formula.
+  trailing ``,``/``.``) and inline ``$...$`` or ``\\(...\\)`` *only when it states something*: a
+  relation (``=``, ``<``, ``\\le``, ``\\Rightarrow``, ...).  A bare mention (``$x$``-axis,
+  ``$(j,k)$``, ``$\\dots$``, ``$6432$``) is not dense.  Inline dollars follow pandoc's rule (no
+  space after the opening ``$``, none before the closing one, no digit right after it) so that GSM8K
+  prices (``$12 x 5 = $60``) are not read as formulas.  ``\\boxed{``/``}`` wrappers are glue inside
+  any formula.
 
 ``[asy]...[/asy]`` drawing code is not math: the ``rules`` extractor skips it like a code fence.
 
@@ -195,8 +196,8 @@ def _latex_blocks(text: str, out: list[tuple[int, int]]) -> None:
             end = text.find(closer, start)
             if end < 0:
                 break
-            if end > start:
-                out.append((start, end))
+            if end > start and (opener != "\\(" or _RELATION.search(text, start, end)):
+                out.append((start, end))  # \(...\) is inline math: marked when it states something
             pos = text.find(opener, end + len(closer))
     if "\\begin{" in text:
         unclosed: set[str] = set()  # same argument as above, per environment name
