@@ -37,10 +37,14 @@ sys.path.insert(0, str(REPO))
 from benchmarks.agreement_labels import AGREEMENT_SET, SPANS_FIELDS, Labelled, read_labels  # noqa: E402
 from preprocess.align import align_spans, byte_length_table  # noqa: E402
 from preprocess.assets import TOKENIZER_DIR  # noqa: E402
-from preprocess.spans import Domain, ExtractInput, ExtractResult, Span, get_extractor  # noqa: E402
-
-PAPER_RHO = {Domain.CODE: 0.25, Domain.MATH: 0.31}
-"""The paper's GPT-4o rho per domain (§3.2), the calibration target of the rules (±0.08)."""
+from preprocess.spans import (  # noqa: E402
+    PAPER_RHO,
+    Domain,
+    ExtractInput,
+    ExtractResult,
+    Span,
+    get_extractor,
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,10 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from preprocess.assets import SAMPLE_PATH, TOKENIZER_DIR  # noqa: E402
 from preprocess.rules import RuleOptions  # noqa: E402
-from preprocess.spans import Domain, ExtractInput, ExtractResult, get_extractor  # noqa: E402
+from preprocess.spans import PAPER_RHO, Domain, ExtractInput, ExtractResult, get_extractor  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
-PAPER_RHO = {Domain.CODE: 0.25, Domain.MATH: 0.31}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -43,6 +43,11 @@ class Domain(IntEnum):
                              f"{[d.name.lower() for d in cls]}") from None
 
 
+PAPER_RHO: dict[Domain, float] = {Domain.CODE: 0.25, Domain.MATH: 0.31}
+"""The paper's info-dense token share with GPT-4o spans (§3.2), per domain: the rules' calibration
+target and the default share of the ``confidence`` extractor."""
+
+
 class SpanError(ValueError):
     """A span that does not fit the response it claims to come from."""
 
@@ -149,6 +154,7 @@ def get_extractor(name: str, **options) -> Extractor:
 def _import_builtin_extractors() -> None:
     """Importing a built-in extractor module registers it; done lazily so that importing
     ``preprocess.spans`` stays cheap (the LLM extractor pulls in ``openai``)."""
+    import preprocess.confidence  # noqa: F401  (imports torch/trainer only when it extracts)
     import preprocess.llm_extractor  # noqa: F401
     import preprocess.none_extractor  # noqa: F401
     import preprocess.rules  # noqa: F401
