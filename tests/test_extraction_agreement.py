@@ -73,7 +73,7 @@ def test_spans_format_reads_offsets_verbatim_texts_and_json_strings(tmp_path):
     assert [r.spans for r in got] == [(Span(0, 8, "dense"), Span(23, 29, "dense")), (Span(0, 8, "dense"),)]
     assert {r.domain for r in got} == {Domain.CODE} and {r.source for r in got} == {"hub"}
     p2 = _write(tmp_path, [{"output": text, "dense": [{"text": "while"}]}], "bad.jsonl")
-    with pytest.raises(LabelError, match=r"bad.jsonl:1: field 'dense\[0\]': text 'while' is not in the response"):
+    with pytest.raises(LabelError, match=r"bad.jsonl:1: field 'dense\[0\]': text 'while' is not in the"):
         read_labels(f"spans:{p2}", {"spans": "dense", "domain": "code"})
     with pytest.raises(LabelError, match="unknown --field"):
         read_labels(f"spans:{p}", {"answer": "x"})
@@ -85,7 +85,7 @@ def test_token_prf_and_rho_by_hand():
     assert prf([Scored(rec, ref, pred)]) == (0.5, 0.5, 0.5)
     (dom, src) = table([Scored(rec, ref, pred)])
     assert dom.n == src.n == 1 and dom.f1_calibration is None and dom.f1_heldout == 0.5
-    assert dom.rho == pytest.approx(1 / 5) and dom.rho_ref == pytest.approx(2 / 5)  # (response + EOS)
+    assert dom.rho == dom.rho_ref == pytest.approx(2 / 5)  # over response + EOS
     assert prf([Scored(rec, ref, np.zeros(4, bool))]) == (0.0, 0.0, 0.0)
 
 
@@ -119,5 +119,8 @@ def test_llm_extractor_through_an_openai_compatible_server(tmp_path, monkeypatch
         rows = main(["--labels", str(sub), "--extractor", "llm", "--base-url", stub.base_url,
                      "--api-key-env", "AGREEMENT_TEST_KEY", "--cache-dir", str(tmp_path / "cache")])
         assert stub.counts["chat"] == 5
-    math = {r.group: r for r in rows}["**math**"]
-    assert math.n == 3 and math.precision > 0.5  # the stub marks the calculator annotations and "#### N"
+    got = {r.group: r for r in rows}
+    assert got["**math**"].n == 3 and got["**code**"].n == 2
+    # the stub marks calculator annotations (which the labels leave out as machine copies) and code
+    # lines starting with if/for/return: some agreement on code, little on math
+    assert got["**code**"].precision > 0.3 and 0 < got["**math**"].rho < 1
