@@ -1,27 +1,38 @@
 """Rule-based information-dense spans for code (paper §2.1 "future work": AST hard rules).
 
 The paper's code hubs are *control-flow conditions* (the judgment of ``if``/``while``) and
-*algorithm pivot points*.  With Python's ``ast`` we mark, per node kind:
+*algorithm pivot points*.  Rules 2.0 follow structure, not syntax (calibrated on the hand-labelled
+set in ``benchmarks/data/extraction_agreement``): a statement that decides or changes the
+algorithm's state is dense, bookkeeping is not.  With Python's ``ast`` we mark, per node kind:
 
-- ``condition``: the test of ``if``/``elif``/``while``/``assert``, of a conditional expression
+- ``condition``: ``if``/``elif``/``while`` with their test, from the keyword (``if (a > b)``,
+  closing parentheses included), the test of ``assert``, of a conditional expression
   (``a if TEST else b``), the ``if`` filters of comprehensions and ``case ... if GUARD``;
-- ``loop``: the loop header from the target to the end of the iterable (``i in range(1, n+1)``),
-  for ``for`` statements and comprehension clauses;
-- ``return``: the value of ``return``/``yield``/``yield from`` (what the algorithm produces);
-- ``compare``: every comparison elsewhere (``x == y`` in an argument, a ``return`` or an assignment);
-- ``update``: the assignments that drive the algorithm: augmented assignments (``s += x``), any
-  assignment inside a loop body, recurrences (a target that also appears on the right,
-  ``a, b = b, a + b``, ``dp[i] = dp[i-1] + c``); with ``return_definitions=True`` also the
-  computation of a value the function returns bare (``res = tuple(set(a) & set(b)); return res``;
-  off by default: it lifts MBPP's rho from 0.30 to 0.38).  Set-up assignments (``R = 3``,
-  ``result = []``) are glue.
+- ``loop``: ``for`` headers from the keyword to the end of the iterable (``for i in range(1, n+1)``;
+  comprehension clauses from the target) *unless the loop just walks its input* (``for x in xs``,
+  ``range(n)``, ``range(len(xs))``, ``enumerate(xs)``: structure, not a decision);
+- ``return``: a computed value of ``return``/``yield`` (``return n ^ res``); bare and constant
+  returns (``return res``, ``return True``) only name a result decided elsewhere;
+- ``compare``: every comparison elsewhere (``x == y`` in an argument or an assignment);
+- ``update``: recurrences (a target also read on the right: ``a, b = b, a + b``), augmented
+  assignments except index steps (``i += 1`` when ``i`` is not what the function returns),
+  arithmetic assignments (``mean = sum(xs) / len(xs)``), state-changing expression statements
+  (``temp.append(grid[i-1][j])``, ``heapq.heappush(q, x)``, ``lines.sort()``; not prints), inside
+  loops container/attribute writes, calls and new values of result names (``m = e``), and with
+  ``return_definitions`` (on) the computation of a value returned bare (``res = ...; return res``).
+  Set-up (``R = 3``, ``temp = []``) and temporaries (``temp = arr[i]``) are glue.  Of a
+  comprehension only the element and the clauses are marked, not ``return sum(`` around them.
 
-Keywords (``if``, ``return``), signatures, imports, docstrings and f-string contents are never marked.
+Signatures, imports, docstrings and f-string contents are never marked.
 
 ``ast`` column offsets are UTF-8 *byte* offsets within a line; :class:`LineIndex` converts them
 to Python ``str`` indices (the span contract of :mod:`preprocess.spans`).  Code that does not
 parse is handled by the longest parseable prefix plus a language-agnostic line regex for the rest
 (``if (...)``, ``while ...:``, ``return ...;``, ``x += ...``), reported as ``unparsable_code``.
+
+Over 400 lines: the AST walk, the predicates that tell bookkeeping from state changes and the regex
+fallback share the private helpers here; the module is kept whole while ``preprocess/`` is being
+reorganised into stage folders.
 """
 
 from __future__ import annotations
@@ -45,15 +56,16 @@ class CodeRuleOptions:
     conditions: bool = True
     """if/elif/while/assert tests, ternary tests, comprehension filters, match guards."""
     loops: bool = True
-    """``for`` targets and iterables (also in comprehensions)."""
+    """``for`` headers that are more than a walk over the input (also in comprehensions)."""
     returns: bool = True
-    """Values of return / yield."""
+    """Computed values of return / yield."""
     comparisons: bool = True
     """Every comparison expression, wherever it appears."""
     assignments: bool = True
-    """Augmented assignments, assignments inside loops, recurrences (target also read on the right)."""
+    """State changes: recurrences, updates, arithmetic assignments, operative calls (see the module)."""
     return_definitions: bool = True
-    """Non-trivial assignments to a name the function returns bare (``res = ...; return res``)."""
+    """Non-trivial assignments to a name the function returns bare (``res = ...; return res``): with
+    bare returns unmarked, this is where the result is computed."""
 
 
 class LineIndex:
