@@ -50,7 +50,8 @@ def test_reproduces_reference_logits(ref, attn):
             from torch.nn.attention.flex_attention import create_block_mask
             dense = ref["bd_mask_bool"]
             mask = create_block_mask(lambda b, h, q, k: dense[q, k], None, None, 48, 48, device="cpu")
-        bd = model(input_ids=ref["bd_input_ids"], attention_mask=mask, position_ids=ref["bd_position_ids"]).logits
+        bd = model(input_ids=ref["bd_input_ids"], attention_mask=mask,
+                   position_ids=ref["bd_position_ids"]).logits
     assert full.dtype == torch.float32
     torch.testing.assert_close(full, ref["logits_full"], atol=1e-5, rtol=0)
     torch.testing.assert_close(bd, ref["bd_logits"], atol=1e-5, rtol=0)
@@ -63,7 +64,8 @@ def test_two_loads_bit_identical_and_mask_forms_agree(ref):
         la = a(input_ids=ref["input_ids"]).logits
         lb = b(input_ids=ref["input_ids"]).logits
         ones2d = a(input_ids=ref["input_ids"], attention_mask=torch.ones(2, 48, dtype=torch.long)).logits
-        add = a(input_ids=ref["bd_input_ids"], attention_mask=additive, position_ids=ref["bd_position_ids"]).logits
+        add = a(input_ids=ref["bd_input_ids"], attention_mask=additive,
+                position_ids=ref["bd_position_ids"]).logits
     assert torch.equal(la, lb) and torch.equal(la, ref["logits_full"])
     assert torch.equal(ones2d, la)
     torch.testing.assert_close(add, ref["bd_logits"], atol=1e-5, rtol=0)
@@ -84,17 +86,20 @@ def test_block_diffusion_perturbation(ref):
     model = load()
     ids, pos, mask = ref["bd_input_ids"], ref["bd_position_ids"], bd_mask(ref)
     n = 24
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=x, attention_mask=mask, position_ids=pos).logits
+
     with torch.no_grad():
-        base = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        base = logits(ids)
         for blk in range(n // BLOCK):
             clean = ids.clone()
             clean[:, n + blk * BLOCK + 3] += 1  # a clean token of block blk
-            diff = (model(input_ids=clean, attention_mask=mask, position_ids=pos).logits - base).abs().amax((0, 2))
+            diff = (logits(clean) - base).abs().amax((0, 2))  # [2L]
             assert diff[:(blk + 1) * BLOCK].max() == 0  # noisy blocks <= blk cannot see it
             assert diff[n:].max() > 0
             noisy = ids.clone()
             noisy[:, blk * BLOCK + 5] += 1  # a noisy token of block blk
-            diff = (model(input_ids=noisy, attention_mask=mask, position_ids=pos).logits - base).abs().amax((0, 2))
+            diff = (logits(noisy) - base).abs().amax((0, 2))
             own = torch.zeros(2 * n, dtype=torch.bool)
             own[blk * BLOCK:(blk + 1) * BLOCK] = True
             assert diff[~own].max() == 0 and diff[own].max() > 0
@@ -132,9 +137,11 @@ def test_llada21_style_config_loads(tmp_path):
     assert saved["num_key_value_heads"] == 0 and saved["sliding_window"] == 4096
 
 
-@pytest.mark.parametrize("bad, needle", [({"use_qk_norm": False}, "use_qk_norm"),
-                                         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-                                         ({"n_group": 3}, "n_group")])
+@pytest.mark.parametrize("bad, needle", [
+    ({"use_qk_norm": False}, "use_qk_norm"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"n_group": 3}, "n_group"),
+])
 def test_config_refuses_what_we_do_not_compute(bad, needle):
     cfg = json.loads((FIXTURE / "config.json").read_text())
     with pytest.raises(ValueError, match=needle):
@@ -150,7 +157,7 @@ def test_moe_block_matches_dense_reference_and_skips_idle_experts():
     block.gate.expert_bias.normal_(std=0.1)
     x = torch.randn(3, 5, 64)
     idx, w = block.gate(x.reshape(-1, 64))
-    dense = torch.stack([e(x.reshape(-1, 64)) for e in block.experts], 1)  # [T, E, H]: every expert, every token
+    dense = torch.stack([e(x.reshape(-1, 64)) for e in block.experts], 1)  # [T, E, H]: all of them
     want = (dense.gather(1, idx[..., None].expand(-1, -1, 64)) * w[..., None]).sum(1).view(3, 5, 64)
     want = want + block.shared_experts(x)
     torch.testing.assert_close(block(x), want, atol=1e-6, rtol=1e-6)
@@ -165,8 +172,9 @@ def test_logits_to_keep(ref):
     model = load()
     with torch.no_grad():
         full = model(input_ids=ref["input_ids"]).logits
-        for keep, want in [(5, full[:, -5:]), (slice(0, 24), full[:, :24]),
-                           (torch.arange(48) % 3 == 0, full[:, ::3]), (torch.tensor([1, 7]), full[:, [1, 7]])]:
+        cases = [(5, full[:, -5:]), (slice(0, 24), full[:, :24]), (torch.arange(48) % 3 == 0, full[:, ::3]),
+                 (torch.tensor([1, 7]), full[:, [1, 7]])]
+        for keep, want in cases:
             torch.testing.assert_close(model(input_ids=ref["input_ids"], logits_to_keep=keep).logits, want,
                                        atol=1e-6, rtol=0)
 
@@ -196,8 +204,8 @@ def test_kv_cache_matches_full_forward(ref):
         cache = DynamicCache()
         first = model(input_ids=ids[:, :32], attention_mask=mask[:, :, :32, :32], cache=cache, use_cache=True)
         assert first.cache is cache and cache.get_seq_length() == 32
-        second = model(input_ids=ids[:, 32:], attention_mask=mask[:, :, 32:], position_ids=rows[32:][None].expand(2, 16),
-                       past_key_values=cache, use_cache=True).logits
+        second = model(input_ids=ids[:, 32:], attention_mask=mask[:, :, 32:], use_cache=True,
+                       position_ids=rows[32:][None].expand(2, 16), past_key_values=cache).logits
     torch.testing.assert_close(first.logits, full[:, :32], atol=1e-5, rtol=0)
     torch.testing.assert_close(second, full[:, 32:], atol=1e-5, rtol=0)
 
@@ -259,7 +267,8 @@ def _inputs_that_route_apart() -> list[list[int]]:
     return [mixed, [pure[1]] * 8]
 
 
-def _run_zero3(tmp_path: Path, inputs: list[list[int]], leaf: bool, timeout: int) -> tuple[list[int | None], list[str]]:
+def _run_zero3(tmp_path: Path, inputs: list[list[int]], leaf: bool,
+               timeout: int) -> tuple[list[int | None], list[str]]:
     """Two gloo ranks (rank r gets ``inputs[r]``) -> (exit codes, None = killed at the timeout; logs)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -270,8 +279,8 @@ def _run_zero3(tmp_path: Path, inputs: list[list[int]], leaf: bool, timeout: int
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO),
                "OMP_NUM_THREADS": "1"}
         log = open(tmp_path / f"rank{rank}-{int(leaf)}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(FIXTURE), json.dumps(inputs),
-                                       str(int(leaf))], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        cmd = [sys.executable, "-c", WORKER, str(FIXTURE), json.dumps(inputs), str(int(leaf))]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes: list[int | None] = []
     try:
         for p in procs:

@@ -88,16 +88,18 @@ class LLaDA2MoeConfig(PreTrainedConfig):
         # use_qk_norm: the dllm copy honours False, dFactory (the hub layout) always normalises; refuse
         # the ambiguous value rather than pick one.  Absent it is not written back (hub configs lack it).
         if kwargs.get("use_qk_norm", True) is not True:
-            raise ValueError("llada2_moe config: use_qk_norm=false is not supported (published copies disagree)")
+            raise ValueError("llada2_moe config: use_qk_norm=false is not supported "
+                             "(published copies disagree)")
         if self.rope_scaling is not None:
             raise ValueError(f"llada2_moe config: rope_scaling={self.rope_scaling!r} is not supported "
                              "(LLaDA2 uses plain RoPE; only null is implemented)")
         if self.num_experts is not None:
             if self.moe_intermediate_size is None:
-                raise ValueError("llada2_moe config: moe_intermediate_size is required when num_experts is set")
+                raise ValueError("llada2_moe config: moe_intermediate_size is required "
+                                 "when num_experts is set")
             if self.num_experts % self.n_group or self.num_experts // self.n_group < 2:
-                raise ValueError(f"llada2_moe config: num_experts ({self.num_experts}) must split into n_group "
-                                 f"({self.n_group}) groups of >= 2 experts (group score = top-2 sum)")
+                raise ValueError(f"llada2_moe config: num_experts ({self.num_experts}) must split into "
+                                 f"n_group ({self.n_group}) groups of >= 2 experts (group score = top-2 sum)")
             if not 1 <= self.topk_group <= self.n_group:
                 raise ValueError(f"llada2_moe config: topk_group ({self.topk_group}) must be in 1..n_group")
         if self.intermediate_size is None and (self.num_experts is None or self.first_k_dense_replace > 0):
@@ -201,7 +203,8 @@ class LLaDA2MoeAttention(nn.Module):
         self.head_dim = config.resolved_head_dim
         self.scaling = self.head_dim ** -0.5
         self.is_causal = False
-        self.query_key_value = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+        qkv_heads = self.num_heads + 2 * self.num_kv_heads
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_heads * self.head_dim,
                                          bias=config.use_qkv_bias)
         self.query_layernorm = LLaDA2MoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.key_layernorm = LLaDA2MoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -210,16 +213,18 @@ class LLaDA2MoeAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask, cache: Cache | None = None, **kwargs) -> torch.Tensor:
         b, n, _ = hidden_states.shape
-        qkv = self.query_key_value(hidden_states).view(b, n, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = self.query_key_value(hidden_states).view(b, n, -1, self.head_dim)  # [B, L, H + 2 H_kv, D]
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|H_kv, L, D]
         q, k = self.query_layernorm(q), self.key_layernorm(k)
         q, k = apply_partial_rotary(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, H_kv, K, D], K = cached + L
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, _ = interface(self, q, k, v, attention_mask, dropout=self.config.attention_dropout if self.training
-                           else 0.0, scaling=self.scaling, is_causal=False, **kwargs)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                          eager_attention_forward)
+        dropout = self.config.attention_dropout if self.training else 0.0
+        out, _ = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling,
+                           is_causal=False, **kwargs)  # [B, L, H, D]
         return self.dense(out.reshape(b, n, -1))
 
 
@@ -324,8 +329,9 @@ class LLaDA2MoeDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None,
                 cache: Cache | None = None, **kwargs) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), position_embeddings,
-                                                       attention_mask, cache=cache, **kwargs)
+        attn = self.attention(self.input_layernorm(hidden_states), position_embeddings, attention_mask,
+                              cache=cache, **kwargs)
+        hidden_states = hidden_states + attn
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -361,13 +367,15 @@ def _attention_mask(mask, batch: int, q_len: int, k_len: int, dtype: torch.dtype
         return mask
     if mask.dim() == 2:
         if mask.shape != (batch, k_len):
-            raise ValueError(f"2-D attention_mask must be [batch, keys] = {(batch, k_len)}, got {tuple(mask.shape)}")
+            raise ValueError(f"2-D attention_mask must be [batch, keys] = {(batch, k_len)}, "
+                             f"got {tuple(mask.shape)}")
         mask = mask.bool()[:, None, None, :].expand(batch, 1, q_len, k_len)
     elif mask.dim() != 4:
         raise ValueError(f"attention_mask must be 2-D or 4-D, got {mask.dim()}-D")
-    if backend == "sdpa" or not mask.dtype == torch.bool:
+    if backend == "sdpa" or mask.dtype != torch.bool:
         return mask if mask.dtype == torch.bool else mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
@@ -406,13 +414,15 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         b, n, _ = inputs_embeds.shape
         if position_ids is None:
             position_ids = torch.arange(past, past + n, device=inputs_embeds.device)[None].expand(b, n)
-        mask = _attention_mask(attention_mask, b, n, past + n, inputs_embeds.dtype, self.config._attn_implementation)
+        mask = _attention_mask(attention_mask, b, n, past + n, inputs_embeds.dtype,
+                               self.config._attn_implementation)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings,
                                   cache=cache if use_cache else None, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states),
+                                       cache=cache if use_cache else None)
 
 
 class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
