@@ -185,7 +185,7 @@ def test_gradient_checkpointing_same_grads(ref):
         model = load()
         model.train()
         if ckpt:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model(input_ids=ref["bd_input_ids"], attention_mask=bd_mask(ref),
               position_ids=ref["bd_position_ids"]).logits.logsumexp(-1).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
