@@ -31,7 +31,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -425,8 +424,12 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
                                        cache=cache if use_cache else None)
 
 
-class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
-    """Backbone + untied LM head; logit i is for token i (no shift), returned in float32 as published."""
+class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
+    """Backbone + untied LM head; logit i is for token i (no shift), returned in float32 as published.
+
+    No ``GenerationMixin``: transformers' autoregressive ``generate`` is meaningless for this diffusion LM;
+    decoding lives in ``evaluation/generate.py``.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.word_embeddings.weight"}  # only if tie_word_embeddings
 
