@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -267,20 +268,20 @@ def _inputs_that_route_apart() -> list[list[int]]:
     return [mixed, [pure[1]] * 8]
 
 
-def _run_zero3(tmp_path: Path, inputs: list[list[int]], leaf: bool,
-               timeout: int) -> tuple[list[int | None], list[str]]:
-    """Two gloo ranks (rank r gets ``inputs[r]``) -> (exit codes, None = killed at the timeout; logs)."""
+def _run_zero3(inputs: list[list[int]], leaf: bool, timeout: int) -> tuple[list[int | None], list[str]]:
+    """Two gloo ranks (rank r gets ``inputs[r]``) -> (exit codes, None = killed at the timeout; logs).
+
+    Logs go to anonymous temporary files: pytest's tmp_path can be rotated away by concurrent runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
+    procs, logs = [], [tempfile.TemporaryFile("w+") for _ in range(2)]
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO),
                "OMP_NUM_THREADS": "1"}
-        log = open(tmp_path / f"rank{rank}-{int(leaf)}.log", "w")
         cmd = [sys.executable, "-c", WORKER, str(FIXTURE), json.dumps(inputs), str(int(leaf))]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[rank], stderr=subprocess.STDOUT))
     codes: list[int | None] = []
     try:
         for p in procs:
@@ -292,22 +293,27 @@ def _run_zero3(tmp_path: Path, inputs: list[list[int]], leaf: bool,
         for p in procs:
             p.kill()
             p.wait()
-    return codes, [(tmp_path / f"rank{r}-{int(leaf)}.log").read_text() for r in range(2)]
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+        log.close()
+    return codes, texts
 
 
 @pytest.mark.slow
-def test_zero3_leaf_module_lets_ranks_route_to_different_experts(tmp_path):
+def test_zero3_leaf_module_lets_ranks_route_to_different_experts():
     # Generous timeout: rank start-up (torch + deepspeed import) takes minutes on a loaded 2-core machine.
-    codes, logs = _run_zero3(tmp_path, _inputs_that_route_apart(), leaf=True, timeout=420)
+    codes, logs = _run_zero3(_inputs_that_route_apart(), leaf=True, timeout=420)
     assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert "rank 0 experts [0, 1, 2, 3]" in logs[0] and "rank 1 experts [2, 3]" in logs[1]
     assert all(f"rank {r} done" in logs[r] for r in range(2))
 
 
 @pytest.mark.slow
-def test_zero3_without_leaf_module_fails(tmp_path):
+def test_zero3_without_leaf_module_fails():
     """The control: the same run without the leaf declaration breaks (gloo reports the collective mismatch
     and aborts; on other backends it hangs), so the test above cannot pass by luck."""
-    codes, logs = _run_zero3(tmp_path, _inputs_that_route_apart(), leaf=False, timeout=300)
+    codes, logs = _run_zero3(_inputs_that_route_apart(), leaf=False, timeout=300)
     assert codes != [0, 0]
     assert not any(f"rank {r} done" in logs[r] for r in range(2))
