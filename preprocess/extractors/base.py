@@ -22,6 +22,11 @@ from preprocess.records import FieldMap, Record, Reject, expand_inputs, iter_rec
 from preprocess.shards import Domain
 
 
+class ExtractorError(RuntimeError):
+    """The extractor cannot go on (bad credentials, failure budget spent, ...): the run stops with
+    this one-line message instead of writing samples without spans."""
+
+
 class SpanError(ValueError):
     """A span that does not fit the response it claims to come from."""
 

@@ -1,0 +1,157 @@
+"""Request limits that hold for every process of a run on one machine: requests in flight, requests
+and tokens per minute, and the pause after a 429.
+
+Why lock files and not a ``multiprocessing`` semaphore: the pipeline's worker processes are started
+by datatrove (a forkserver pool locally, separate array tasks on a SLURM node), not by the
+extractor, so there is no common parent to hand them a semaphore; what they share is a folder.
+The locks are ``flock`` locks, which the kernel drops when their process dies, so a worker killed
+with -9 never keeps a slot, and no state needs cleaning up.
+
+- In flight: ``max_concurrency`` lock files ``slot_000``, ``slot_001``, ...; a request holds one
+  (a non-blocking ``flock``) while it is on the wire.  Inside one process an ``asyncio.Semaphore``
+  lets at most ``max_concurrency`` tasks try, so only those poll the files.
+- Rates: the generic cell rate algorithm (one "theoretical arrival time" per limit) in a 32-byte
+  state file, read and rewritten under an exclusive ``flock``.  A request reserves its place in
+  time and sleeps until then; a burst of one second's worth is allowed.  Requests per minute count
+  1 per request; tokens per minute count the request's input tokens before it is sent and its
+  output tokens when the answer arrives (what the API bills against the limit).
+- Pause: a 429's ``Retry-After`` moves ``pause_until`` in the same file; every process waits it out.
+
+The folder (``limits_dir``, default the system's temporary folder) is per machine: on SLURM each
+node has its own limits, so divide an account's limits by the number of nodes that run at once.
+Processes of different runs against the same endpoint and model share the same files (they share
+the account's limits too).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+_STATE = struct.Struct("<dddd")  # rpm_tat, tpm_tat, pause_until, unused (wall-clock seconds)
+BURST_SECONDS = 1.0
+"""How far ahead of the steady rate requests may run (a burst of one second's worth)."""
+
+
+def default_limits_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"dm-preprocess-llm-limits-{os.getuid()}"
+
+
+class SharedLimits:
+    """Slots, rates and the 429 pause of one endpoint+model, shared through ``folder``.
+
+    File descriptors are opened lazily and re-opened after a fork (``flock`` locks belong to the
+    open file, which a forked child would share with its parent).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str] | None, endpoint: str, model: str, *,
+                 max_concurrency: int, rpm: float | None = None, tpm: float | None = None):
+        key = hashlib.sha256(f"{endpoint}\n{model}".encode()).hexdigest()[:16]
+        self.path = Path(folder) if folder else default_limits_dir()
+        self.path = self.path / key
+        self.max_concurrency = max_concurrency
+        self.rpm, self.tpm = rpm, tpm
+        self._pid = -1
+        self._slots: list[int] = []
+        self._held: set[int] = set()
+        self._state = -1
+
+    def __getstate__(self) -> dict[str, object]:  # descriptors never travel to another process
+        return {"path": self.path, "max_concurrency": self.max_concurrency, "rpm": self.rpm,
+                "tpm": self.tpm}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._pid, self._slots, self._held, self._state = -1, [], set(), -1
+
+    def _open(self) -> None:
+        if self._pid == os.getpid():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._slots = [os.open(self.path / f"slot_{i:03d}", os.O_RDWR | os.O_CREAT, 0o600)
+                       for i in range(self.max_concurrency)]
+        self._state = os.open(self.path / "state", os.O_RDWR | os.O_CREAT, 0o600)
+        self._held = set()
+        self._pid = os.getpid()
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in [*self._slots, self._state]:
+                os.close(fd)
+        self._pid, self._slots, self._held, self._state = -1, [], set(), -1
+
+    # -- requests in flight --
+    def try_slot(self) -> int | None:
+        """A free slot (now held by this process), or None when ``max_concurrency`` are in use."""
+        self._open()
+        start = os.getpid() % self.max_concurrency  # processes start their search at different slots
+        for j in range(self.max_concurrency):
+            i = (start + j) % self.max_concurrency
+            if i in self._held:
+                continue
+            try:
+                fcntl.flock(self._slots[i], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            self._held.add(i)
+            return i
+        return None
+
+    def release_slot(self, i: int) -> None:
+        if self._pid == os.getpid() and i in self._held:
+            fcntl.flock(self._slots[i], fcntl.LOCK_UN)
+            self._held.discard(i)
+
+    # -- rates and pause (one locked read-modify-write of the state file each) --
+    def _update(self, requests: int, tokens: int, pause: float) -> float:
+        self._open()
+        fd = self._state
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            raw = os.pread(fd, _STATE.size, 0)
+            rpm_tat, tpm_tat, pause_until, _ = _STATE.unpack(raw) if len(raw) == _STATE.size else (0.0,) * 4
+            now = time.time()
+            start = now
+            if requests and self.rpm:
+                rpm_tat, start = _reserve(rpm_tat, now, requests * 60.0 / self.rpm, start)
+            if tokens and self.tpm:
+                tpm_tat, start = _reserve(tpm_tat, now, tokens * 60.0 / self.tpm, start)
+            if pause > 0:
+                pause_until = max(pause_until, now + pause)
+            os.pwrite(fd, _STATE.pack(rpm_tat, tpm_tat, pause_until, 0.0), 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return max(start, pause_until) - now
+
+    def reserve(self, tokens: int) -> float:
+        """Reserve one request of ``tokens`` input tokens; seconds to wait before sending it
+        (also covers a pause set by a 429 anywhere on the machine)."""
+        return self._update(1, tokens, 0.0)
+
+    def charge_tokens(self, tokens: int) -> None:
+        """Count tokens known only afterwards (the answer's) against the tokens-per-minute limit."""
+        if self.tpm and tokens:
+            self._update(0, tokens, 0.0)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every sender of this endpoint on this machine for ``seconds`` (a 429's Retry-After)."""
+        self._update(0, 0, seconds)
+
+    def pause_left(self) -> float:
+        """Seconds until a pause set by a 429 (in any process) ends; <= 0 when none."""
+        self._open()
+        raw = os.pread(self._state, _STATE.size, 0)
+        if len(raw) != _STATE.size:
+            return 0.0
+        return _STATE.unpack(raw)[2] - time.time()
+
+
+def _reserve(tat: float, now: float, cost: float, start: float) -> tuple[float, float]:
+    """GCRA: (new theoretical arrival time, earliest start) for a request costing ``cost`` seconds."""
+    tat = max(tat, now)
+    return tat + cost, max(start, tat - BURST_SECONDS)
