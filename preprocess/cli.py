@@ -247,9 +247,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     console.print(summary_table(index, wall, timings))
     counters = extractor_counters(timings)
     if counters:
-        console.print(counters, markup=False)
+        console.print(counters, markup=False, soft_wrap=True)
     for line in run_warnings(index):
-        console.print(line, style="bold red", markup=False)
+        console.print(line, style="bold red", markup=False, soft_wrap=True)
     console.print(f"output: {out}")
     return 0
 
@@ -335,7 +335,7 @@ def cmd_stats(a: argparse.Namespace) -> int:
     console = Console()
     console.print(summary_table(index))
     for line in run_warnings(index):
-        console.print(line, style="bold red", markup=False)
+        console.print(line, style="bold red", markup=False, soft_wrap=True)
     if a.rejects:
         shown = 0
         for shard in index["shards"]:

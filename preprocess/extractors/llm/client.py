@@ -294,13 +294,13 @@ class LLMExtractor:
         if self.config.tokens_per_minute is None:
             return lambda body: 0
         from preprocess.extractors.llm.cost import (
-            count_message_tokens,
+            count_body_input_tokens,
             encoding_name_for_model,
             load_encoding,
         )
 
         enc = load_encoding(encoding_name_for_model(self.config.model)[0])
-        return lambda body: count_message_tokens(body["messages"], enc)
+        return lambda body: count_body_input_tokens(body, enc)
 
     async def _one(self, client: Any, sem: asyncio.Semaphore, polling: asyncio.Lock, key: str,
                    body: dict[str, Any], api_key: str, tokens: int) -> CachedAnswer | Failure:
