@@ -7,8 +7,12 @@ the fingerprint and ``--retry-failed``.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from preprocess.assets import SAMPLE_PATH
 from preprocess.cli import main
 from preprocess.extractors.base import ExtractInput, ExtractorError
 from preprocess.extractors.llm.config import FailureBudgetError
-from preprocess.extractors.llm.limits import BURST_SECONDS
+from preprocess.extractors.llm.limits import BURST_SECONDS, SharedLimits
 from preprocess.extractors.registry import get_extractor
 from preprocess.pipeline.config import PreprocessConfig
 from preprocess.pipeline.driver import run_pipeline
@@ -28,6 +32,7 @@ try:
 except ImportError:  # tests/ is on sys.path under pytest's default import mode
     from openai_stub_server import StubOpenAI
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = {"backoff_base": 0.01}  # retries without the production backoff
 
 
@@ -178,6 +183,30 @@ def test_concurrency_limit_holds_across_worker_processes(tmp_path):
         assert s.counts["chat"] == 24
         # Two workers with 3 each would put 6 in flight; the machine-wide slots allow 3.
         assert 2 <= s.max_inflight <= 3
+
+
+def test_slots_and_pause_are_shared_and_freed_when_a_holder_dies(tmp_path):
+    # Two instances have their own open files, so their flock locks conflict like two processes'.
+    a, b = (SharedLimits(tmp_path, "http://h/v1", "m", max_concurrency=2) for _ in range(2))
+    assert a.try_slot() is not None and a.try_slot() is not None
+    assert b.try_slot() is None  # both slots of the machine are taken
+    a.release_slot(0)
+    assert b.try_slot() == 0
+    a.pause(0.5)  # a 429 seen by one process ...
+    assert 0.3 < b.pause_left() <= 0.5 and b.reserve(0) > 0.3  # ... holds the other one too
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2])\n"
+            "from preprocess.extractors.llm.limits import SharedLimits\n"
+            "x = SharedLimits(sys.argv[1], 'http://h/v1', 'm', max_concurrency=1)\n"
+            "assert x.try_slot() == 0; print('held', flush=True); time.sleep(60)\n")
+    c = SharedLimits(tmp_path / "k", "http://h/v1", "m", max_concurrency=1)
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "k"), str(REPO)], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().strip() == b"held"
+        assert c.try_slot() is None
+    finally:
+        os.kill(p.pid, signal.SIGKILL)  # killed while holding its slot ...
+        p.wait()
+    assert c.try_slot() == 0  # ... which the kernel released
 
 
 def test_requests_and_tokens_per_minute(stub, tmp_path):
