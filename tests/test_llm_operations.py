@@ -113,6 +113,18 @@ def test_answers_without_a_choice_are_retried_and_never_cached(stub, tmp_path):
     assert [r.status for r in again] == ["ok"] * 4 and stub.counts["chat"] == 9 + 1
 
 
+def test_batch_results_without_an_answer_are_resubmitted_not_cached(stub, tmp_path):
+    items = _items(4)
+    stub.script(items[0].prompt, ["empty_choices"])
+    stub.script(items[1].prompt, ["error200"])
+    opts = dict(mode="batch", batch_poll_interval=0.01, max_failure_rate=1)
+    res = _x(stub, tmp_path, **opts).extract_batch(items)
+    assert [r.status for r in res] == ["llm_failed", "llm_failed", "ok", "ok"]
+    again = _x(stub, tmp_path, **opts).extract_batch(items)
+    assert [r.status for r in again] == ["ok"] * 4
+    assert [b["request_counts"]["total"] for b in stub.batches.values()] == [4, 2]
+
+
 # ---- failure budget ---------------------------------------------------------------------------
 def test_failure_budget_stops_after_the_first_hundred_requests(stub, tmp_path):
     items = _items(60)
