@@ -36,6 +36,8 @@ from pathlib import Path
 _STATE = struct.Struct("<dddd")  # rpm_tat, tpm_tat, pause_until, unused (wall-clock seconds)
 BURST_SECONDS = 1.0
 """How far ahead of the steady rate requests may run (a burst of one second's worth)."""
+STALE_SECONDS = 3600.0
+"""A state further ahead than this comes from a clock that was set back: it is reset."""
 
 
 def default_limits_dir() -> Path:
@@ -72,18 +74,17 @@ class SharedLimits:
     def _open(self) -> None:
         if self._pid == os.getpid():
             return
+        # Copies inherited through a fork: closing them leaves the parent's locks alone, and a
+        # child that outlives its parent does not keep them.
+        for fd in [*self._slots, self._state]:
+            if fd >= 0:
+                os.close(fd)
         self.path.mkdir(parents=True, exist_ok=True)
         self._slots = [os.open(self.path / f"slot_{i:03d}", os.O_RDWR | os.O_CREAT, 0o600)
                        for i in range(self.max_concurrency)]
         self._state = os.open(self.path / "state", os.O_RDWR | os.O_CREAT, 0o600)
         self._held = set()
         self._pid = os.getpid()
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in [*self._slots, self._state]:
-                os.close(fd)
-        self._pid, self._slots, self._held, self._state = -1, [], set(), -1
 
     # -- requests in flight --
     def try_slot(self) -> int | None:
@@ -116,6 +117,8 @@ class SharedLimits:
             raw = os.pread(fd, _STATE.size, 0)
             rpm_tat, tpm_tat, pause_until, _ = _STATE.unpack(raw) if len(raw) == _STATE.size else (0.0,) * 4
             now = time.time()
+            if max(rpm_tat, tpm_tat, pause_until) > now + STALE_SECONDS:  # the clock was set back
+                rpm_tat = tpm_tat = pause_until = now
             start = now
             if requests and self.rpm:
                 rpm_tat, start = _reserve(rpm_tat, now, requests * 60.0 / self.rpm, start)
