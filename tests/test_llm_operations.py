@@ -154,6 +154,7 @@ def test_failure_budget_is_configurable(stub, tmp_path):
         y.check_publishable()  # but a shard with 10 % lost samples is not written
 
 
+@pytest.mark.slow  # two pipeline runs
 def test_wrong_port_stops_the_run_and_a_rerun_completes(stub, tmp_path, capsys):
     inp, out = _input(tmp_path), tmp_path / "out"
     bad = _options(_closed_port_url(), tmp_path, max_retries=1)
@@ -187,6 +188,7 @@ def test_summary_warns_loudly_when_rho_is_near_zero(stub, tmp_path, capsys):
 
 
 # ---- limits shared by the worker processes ------------------------------------------------------
+@pytest.mark.slow  # a pool of two worker processes
 def test_concurrency_limit_holds_across_worker_processes(tmp_path):
     inp = _input(tmp_path, 24, 0)
     with StubOpenAI(latency=0.15, lifetime=120) as s:
