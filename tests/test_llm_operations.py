@@ -256,6 +256,9 @@ def test_dry_run_prints_the_estimate_and_writes_nothing(stub, tmp_path, capsys):
     _x(stub, tmp_path).extract_batch(_items(4))  # answers in the cache are free
     assert main([*run, "--dry-run"]) == 0
     assert "4 already in the cache" in capsys.readouterr().out
+    files = sorted(tmp_path.rglob("*"))
+    assert main(["cost", "--input", str(inp), "--model", "gpt-4o"]) == 0  # the corpus-level estimate
+    assert "gpt-4o" in capsys.readouterr().out and sorted(tmp_path.rglob("*")) == files
     with pytest.raises(ExtractorError, match="writes no shards"):  # the API refuses to write one too
         run_pipeline(_cfg(inp, out, {**opts, "dry_run": True}, num_shards=1))
     assert not list(out.glob("shard_*.json"))
