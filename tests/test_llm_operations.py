@@ -200,27 +200,28 @@ def test_concurrency_limit_holds_across_worker_processes(tmp_path):
 
 
 def test_slots_and_pause_are_shared_and_freed_when_a_holder_dies(tmp_path):
-    # Two instances have their own open files, so their flock locks conflict like two processes'.
-    a, b = (SharedLimits(tmp_path, "http://h/v1", "m", max_concurrency=2) for _ in range(2))
-    assert a.try_slot() is not None and a.try_slot() is not None
-    assert b.try_slot() is None  # both slots of the machine are taken
-    a.release_slot(0)
-    assert b.try_slot() == 0
-    a.pause(0.5)  # a 429 seen by one process ...
-    assert 0.3 < b.pause_left() <= 0.5 and b.reserve(0) > 0.3  # ... holds the other one too
+    # Two objects open their own files, so their flock locks conflict like two processes'.
+    with (SharedLimits(tmp_path, "http://h/v1", "m", max_concurrency=2) as a,
+          SharedLimits(tmp_path, "http://h/v1", "m", max_concurrency=2) as b):
+        assert a.try_slot() is not None and a.try_slot() is not None
+        assert b.try_slot() is None  # both slots of the machine are taken
+        a.release_slot(0)
+        assert b.try_slot() == 0
+        a.pause(0.5)  # a 429 seen by one process ...
+        assert 0.3 < b.pause_left() <= 0.5 and b.reserve(0) > 0.3  # ... holds the other one too
     code = ("import sys, time; sys.path.insert(0, sys.argv[2])\n"
             "from preprocess.extractors.llm.limits import SharedLimits\n"
-            "x = SharedLimits(sys.argv[1], 'http://h/v1', 'm', max_concurrency=1)\n"
+            "x = SharedLimits(sys.argv[1], 'http://h/v1', 'm', max_concurrency=1).__enter__()\n"
             "assert x.try_slot() == 0; print('held', flush=True); time.sleep(60)\n")
-    c = SharedLimits(tmp_path / "k", "http://h/v1", "m", max_concurrency=1)
-    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "k"), str(REPO)], stdout=subprocess.PIPE)
-    try:
-        assert p.stdout.readline().strip() == b"held"
-        assert c.try_slot() is None
-    finally:
-        os.kill(p.pid, signal.SIGKILL)  # killed while holding its slot ...
-        p.wait()
-    assert c.try_slot() == 0  # ... which the kernel released
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(REPO)], stdout=subprocess.PIPE)
+    with SharedLimits(tmp_path, "http://h/v1", "m", max_concurrency=1) as c:
+        try:
+            assert p.stdout.readline().strip() == b"held"
+            assert c.try_slot() is None
+        finally:
+            os.kill(p.pid, signal.SIGKILL)  # killed while holding its slot ...
+            p.wait()
+        assert c.try_slot() == 0  # ... which the kernel released
 
 
 def test_requests_and_tokens_per_minute(stub, tmp_path):

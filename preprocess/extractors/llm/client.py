@@ -273,18 +273,19 @@ class LLMExtractor:
         out: dict[str, CachedAnswer | Failure] = {}
         client = self._client(api_key)
         try:
-            tasks = {asyncio.create_task(self._one(client, sem, polling, k, b, api_key, count(b))): k
-                     for k, b in todo.items()}
-            pending = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                for t in done:
-                    if t.exception() is not None:
-                        for p in pending:
-                            p.cancel()
-                        await asyncio.gather(*pending, return_exceptions=True)
-                        raise t.exception()
-                    out[tasks[t]] = t.result()
+            with self.limits:  # the shared limit files, open for this batch
+                tasks = {asyncio.create_task(self._one(client, sem, polling, k, b, api_key, count(b))): k
+                         for k, b in todo.items()}
+                pending = set(tasks)
+                while pending:  # the first exception (401, failure budget) cancels the rest
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                    for t in done:
+                        if t.exception() is not None:
+                            for p in pending:
+                                p.cancel()
+                            await asyncio.gather(*pending, return_exceptions=True)
+                            raise t.exception()
+                        out[tasks[t]] = t.result()
         finally:
             await client.close()
         return out

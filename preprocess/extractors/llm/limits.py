@@ -47,49 +47,42 @@ def default_limits_dir() -> Path:
 class SharedLimits:
     """Slots, rates and the 429 pause of one endpoint+model, shared through ``folder``.
 
-    File descriptors are opened lazily and re-opened after a fork (``flock`` locks belong to the
-    open file, which a forked child would share with its parent).
+    Used as a context manager around one batch of requests: the files are opened on entry and
+    closed on exit, which releases every slot still held.  So no descriptor outlives a batch (a
+    long-lived worker builds an extractor per shard), none crosses a fork, and a batch needs
+    ``max_concurrency`` + 1 descriptors besides its connections (``ulimit -n`` must allow about
+    twice ``max_concurrency``).
     """
 
     def __init__(self, folder: str | os.PathLike[str] | None, endpoint: str, model: str, *,
                  max_concurrency: int, rpm: float | None = None, tpm: float | None = None):
         key = hashlib.sha256(f"{endpoint}\n{model}".encode()).hexdigest()[:16]
-        self.path = Path(folder) if folder else default_limits_dir()
-        self.path = self.path / key
+        self.path = (Path(folder) if folder else default_limits_dir()) / key
         self.max_concurrency = max_concurrency
         self.rpm, self.tpm = rpm, tpm
-        self._pid = -1
         self._slots: list[int] = []
         self._held: set[int] = set()
         self._state = -1
 
-    def __getstate__(self) -> dict[str, object]:  # descriptors never travel to another process
-        return {"path": self.path, "max_concurrency": self.max_concurrency, "rpm": self.rpm,
-                "tpm": self.tpm}
+    def __enter__(self) -> SharedLimits:
+        if self._state >= 0:
+            raise RuntimeError(f"{self.path}: limits already in use by this object")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._state = os.open(self.path / "state", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        self._pid, self._slots, self._held, self._state = -1, [], set(), -1
-
-    def _open(self) -> None:
-        if self._pid == os.getpid():
-            return
-        # Copies inherited through a fork: closing them leaves the parent's locks alone, and a
-        # child that outlives its parent does not keep them.
+    def __exit__(self, *exc: object) -> None:
         for fd in [*self._slots, self._state]:
             if fd >= 0:
-                os.close(fd)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._slots = [os.open(self.path / f"slot_{i:03d}", os.O_RDWR | os.O_CREAT, 0o600)
-                       for i in range(self.max_concurrency)]
-        self._state = os.open(self.path / "state", os.O_RDWR | os.O_CREAT, 0o600)
-        self._held = set()
-        self._pid = os.getpid()
+                os.close(fd)  # also releases the slots still held
+        self._slots, self._held, self._state = [], set(), -1
 
     # -- requests in flight --
     def try_slot(self) -> int | None:
-        """A free slot (now held by this process), or None when ``max_concurrency`` are in use."""
-        self._open()
+        """A free slot (now held by this object), or None when ``max_concurrency`` are in use."""
+        if not self._slots:  # opened at the first request: a batch of cache hits opens none
+            self._slots = [os.open(self.path / f"slot_{i:04d}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                           for i in range(self.max_concurrency)]
         start = os.getpid() % self.max_concurrency  # processes start their search at different slots
         for j in range(self.max_concurrency):
             i = (start + j) % self.max_concurrency
@@ -104,13 +97,12 @@ class SharedLimits:
         return None
 
     def release_slot(self, i: int) -> None:
-        if self._pid == os.getpid() and i in self._held:
+        if i in self._held:
             fcntl.flock(self._slots[i], fcntl.LOCK_UN)
             self._held.discard(i)
 
     # -- rates and pause (one locked read-modify-write of the state file each) --
     def _update(self, requests: int, tokens: int, pause: float) -> float:
-        self._open()
         fd = self._state
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -147,7 +139,6 @@ class SharedLimits:
 
     def pause_left(self) -> float:
         """Seconds until a pause set by a 429 (in any process) ends; <= 0 when none."""
-        self._open()
         raw = os.pread(self._state, _STATE.size, 0)
         if len(raw) != _STATE.size:
             return 0.0
