@@ -7,10 +7,11 @@ extractor, so there is no common parent to hand them a semaphore; what they shar
 The locks are ``flock`` locks, which the kernel drops when their process dies, so a worker killed
 with -9 never keeps a slot, and no state needs cleaning up.
 
-- In flight: ``max_concurrency`` lock files ``slot_000``, ``slot_001``, ...; a request holds one
+- In flight: ``max_concurrency`` lock files ``slot_0000``, ``slot_0001``, ...; a request holds one
   (a non-blocking ``flock``) while it is on the wire.  Inside one process an ``asyncio.Semaphore``
-  lets at most ``max_concurrency`` tasks try, so only those poll the files.
-- Rates: the generic cell rate algorithm (one "theoretical arrival time" per limit) in a 32-byte
+  admits at most ``max_concurrency`` tasks, and one of them at a time polls the files (the client's
+  ``SLOT_POLL_SECONDS`` apart while all slots are taken).
+- Rates: the generic cell rate algorithm (one "theoretical arrival time" per limit) in a 24-byte
   state file, read and rewritten under an exclusive ``flock``.  A request reserves its place in
   time and sleeps until then; a burst of one second's worth is allowed.  Requests per minute count
   1 per request; tokens per minute count the request's input tokens before it is sent and its
@@ -33,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-_STATE = struct.Struct("<dddd")  # rpm_tat, tpm_tat, pause_until, unused (wall-clock seconds)
+_STATE = struct.Struct("<ddd")  # rpm_tat, tpm_tat, pause_until (wall-clock seconds)
 BURST_SECONDS = 1.0
 """How far ahead of the steady rate requests may run (a burst of one second's worth)."""
 STALE_SECONDS = 3600.0
@@ -107,7 +108,7 @@ class SharedLimits:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             raw = os.pread(fd, _STATE.size, 0)
-            rpm_tat, tpm_tat, pause_until, _ = _STATE.unpack(raw) if len(raw) == _STATE.size else (0.0,) * 4
+            rpm_tat, tpm_tat, pause_until = _STATE.unpack(raw) if len(raw) == _STATE.size else (0.0,) * 3
             now = time.time()
             if max(rpm_tat, tpm_tat, pause_until) > now + STALE_SECONDS:  # the clock was set back
                 rpm_tat = tpm_tat = pause_until = now
@@ -118,7 +119,7 @@ class SharedLimits:
                 tpm_tat, start = _reserve(tpm_tat, now, tokens * 60.0 / self.tpm, start)
             if pause > 0:
                 pause_until = max(pause_until, now + pause)
-            os.pwrite(fd, _STATE.pack(rpm_tat, tpm_tat, pause_until, 0.0), 0)
+            os.pwrite(fd, _STATE.pack(rpm_tat, tpm_tat, pause_until), 0)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
         return max(start, pause_until) - now
