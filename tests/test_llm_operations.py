@@ -193,7 +193,8 @@ def test_concurrency_limit_holds_across_worker_processes(tmp_path):
     inp = _input(tmp_path, 24, 0)
     with StubOpenAI(latency=0.15, lifetime=120) as s:
         opts = _options(s.base_url, tmp_path, max_concurrency=3)
-        run_pipeline(_cfg(inp, tmp_path / "out", opts, num_shards=2, workers=2))
+        assert main(["run", "--input", str(inp), "--output", str(tmp_path / "out"), "--extractor", "llm",
+                     "--num-shards", "2", "--workers", "2", *_cli_options(opts)]) == 0
         assert s.counts["chat"] == 24
         # Two workers with 3 each would put 6 in flight; the machine-wide slots allow 3.
         assert 2 <= s.max_inflight <= 3
