@@ -187,7 +187,7 @@ def test_flags_map_onto_config():
 def test_progress_reports_and_table(built: Path, small_input: Path):
     from rich.console import Console
 
-    from preprocess.pipeline.report import progress_table, read_progress
+    from preprocess.pipeline.progress import progress_table, read_progress
 
     states = read_progress(built / "logs", since=0.0)
     assert [s["shard"] for s in states] == [0, 1] and all(s["done"] for s in states)

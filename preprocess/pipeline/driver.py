@@ -40,7 +40,7 @@ from typing import Any
 from datatrove.executor import LocalPipelineExecutor
 
 from preprocess.pipeline.config import PreprocessConfig, describe_change
-from preprocess.pipeline.report import write_plan_bytes
+from preprocess.pipeline.progress import write_plan_bytes
 from preprocess.pipeline.shard import RunInputs, load_tokenizer, resolve_inputs
 from preprocess.pipeline.steps import (
     ShardStep,
@@ -53,6 +53,7 @@ from preprocess.shards import (
     ConfigMismatchError,
     manifest_name,
     missing_shards,
+    read_manifest,
     shard_files,
     shard_is_complete,
     shard_name,
@@ -110,6 +111,29 @@ def is_complete(cfg: PreprocessConfig, fingerprint: str | None = None) -> bool:
     return index.get("config_fingerprint") == fingerprint and complete
 
 
+def _drop_shards_to_retry(cfg: PreprocessConfig, fingerprint: str) -> None:
+    """``retry_failed``: delete the finished shards of this configuration whose manifest counts a
+    status the extractor may answer on a rerun; the run then rebuilds exactly those (the answers
+    the extractor already has come from its cache, so they are byte-identical to a clean run)."""
+    from preprocess.extractors.registry import EXTRACTORS
+
+    statuses = getattr(EXTRACTORS.get(cfg.extractor), "retryable_statuses", frozenset())
+    folder = Path(cfg.output_dir)
+    dropped = False
+    for k in range(cfg.num_shards):
+        name = shard_name(k)
+        m = read_manifest(folder, name) if shard_is_complete(folder, name) else None
+        if m is None or m.get("config_fingerprint") != fingerprint:
+            continue
+        if any(m["stats"]["extract_status"].get(st) for st in statuses):
+            (folder / manifest_name(name)).unlink()  # first: the shard stops counting as finished
+            for fname in shard_files(name).values():
+                (folder / fname).unlink(missing_ok=True)
+            dropped = True
+    if dropped:
+        (folder / INDEX_FILE).unlink(missing_ok=True)
+
+
 def _reset_stale_markers(cfg: PreprocessConfig) -> None:
     """datatrove skips ranks with a completion marker; drop markers whose shard is gone."""
     markers = cfg.logging_dir / "shards" / "completions"
@@ -130,9 +154,11 @@ def run_pipeline(cfg: PreprocessConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     spec = load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()
     inputs = resolve_inputs(cfg, spec)
-    if is_complete(cfg, inputs.fingerprint):
+    if not cfg.retry_failed and is_complete(cfg, inputs.fingerprint):
         return folder
     with _folder_lock(folder):  # e.g. several training ranks asking for the same missing cache
+        if cfg.retry_failed:
+            _drop_shards_to_retry(cfg, inputs.fingerprint)
         if is_complete(cfg, inputs.fingerprint):
             return folder
         return _run_locked(cfg, spec, inputs)
@@ -196,7 +222,7 @@ class _QuietLocalExecutor(LocalPipelineExecutor):
     """Tasks log to their log files only (errors still reach the terminal): datatrove prints a
     task's console log only for local rank 0, and uses the local rank for nothing else; the
     "k/N tasks completed" counter is only logged, so it is not passed on.  The live display and
-    the summary (``pipeline.report``) say the same from the tasks' own counters."""
+    the summary (``pipeline.progress``) say the same from the tasks' own counters."""
 
     def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
         return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)

@@ -1,165 +1,83 @@
-"""What a run shows: live progress (per task + overall) and the summary table of a folder.
+"""What a run tells its user besides the summary table: the extractor's request counters, loud
+warnings about data that trains like uniform masking, and the LLM dry run (cost, nothing written).
 
-Each running shard task writes its counters (records, samples, tokens, input bytes read and the
-bytes its units cover) to ``<logging dir>/progress/shard_XXXXX.json`` about twice a second
-(``ShardJob.report_progress``).  ``LiveProgress`` polls these files from a thread of the driver
-process and redraws; only reports of tasks that started in this run count, so neither the live
-rates nor the final summary include shards a rerun skipped.
+Split from the CLI so that the checks are plain functions over ``index.json`` and the per-shard
+logs (``steps.read_timings``), testable without a terminal.
 """
 
 from __future__ import annotations
 
-import json
-import resource
-import threading
-import time
-from pathlib import Path
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
+from preprocess.extractors.base import fraction_for, fraction_selected, read_inputs
+from preprocess.extractors.registry import EXTRACTORS, get_extractor
+from preprocess.pipeline.config import PreprocessConfig
+from preprocess.records import Reject
 
-def read_progress(logging_dir: Path, since: float) -> list[dict[str, Any]]:
-    """The task reports written by tasks that started at or after ``since`` (epoch seconds)."""
+RHO_NEAR_ZERO = 0.01
+"""A domain whose extracted samples have a mean dense share below this got (almost) no spans."""
+
+
+def extractor_counters(timings: Iterable[Mapping[str, Any]]) -> str | None:
+    """One line of request counters summed over the shards built now, or None if nothing was sent
+    (an extractor without a ``summary``, or every shard already built)."""
+    from preprocess.extractors.llm.client import failure_counts
+
+    total: Counter[str] = Counter()
+    for t in timings:
+        total.update(t.get("extractor") or {})
+    if not total:
+        return None
+    kinds = ", ".join(f"{k} {v:,}" for k, v in failure_counts(total).items()) or "none"
+    return (f"extractor requests: {total['requests']:,} (retries {total['retries']:,}, cache hits "
+            f"{total['cache_hits']:,} of {total['samples']:,} samples); failed requests "
+            f"{total['failed_requests']:,} (by kind: {kinds}); rate limited (429) {total['http_429']:,}")
+
+
+def run_warnings(index: Mapping[str, Any]) -> list[str]:
+    """Loud lines for a finished folder: extracted domains with rho near zero, samples to retry."""
     out = []
-    for p in sorted((Path(logging_dir) / "progress").glob("shard_*.json")):
-        try:
-            state = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):  # replaced while we read it: next poll
-            continue
-        if state["start"] >= since:
-            out.append(state)
+    status = index.get("extract_status", {})
+    for name, d in index["domains"].items():
+        if d["selected_samples"] and d["rho"] < RHO_NEAR_ZERO:
+            out.append(f"WARNING: domain {name}: rho {d['rho']:.4f} over {d['selected_samples']:,} extracted "
+                       f"samples: the extractor marked (almost) nothing, so they train like uniform "
+                       f"masking (extractor status: {dict(status) or '-'})")
+    retryable = getattr(EXTRACTORS.get(index["extractor"]["name"]), "retryable_statuses", frozenset())
+    lost = sum(status.get(s, 0) for s in retryable)
+    if lost:
+        out.append(f"WARNING: {lost:,} extracted samples got no answer ({', '.join(sorted(retryable))}) "
+                   f"and have no spans; rerun the same command with --retry-failed to ask for them again")
     return out
 
 
-PLAN_FILE = "plan.json"
+@dataclass
+class DryRun:
+    """What ``run --dry-run`` found: the estimate for the samples not cached yet, and bad records."""
+
+    estimate: Any  # cost.CostEstimate, or None when no sample is selected
+    selected: int = 0
+    cached: int = 0
+    rejects: list[Reject] = field(default_factory=list)
 
 
-def write_plan_bytes(logging_dir: Path, todo: dict[int, int]) -> None:
-    """Input bytes of each shard this run will build, so the overall ETA covers tasks not started."""
-    folder = Path(logging_dir) / "progress"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PLAN_FILE).write_text(json.dumps({"time": time.time(), "bytes": todo}))
-
-
-def _planned_bytes(logging_dir: Path, since: float) -> int | None:
-    try:
-        plan = json.loads((Path(logging_dir) / "progress" / PLAN_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return sum(plan["bytes"].values()) if plan["time"] >= since else None
-
-
-def _rates(s: dict[str, Any], elapsed: float) -> tuple[str, str, str, str, str]:
-    el = max(elapsed, 1e-9)
-    left = s["bytes_total"] - s["bytes"]
-    speed = s["bytes"] / el
-    eta = "done" if s.get("done") else (f"{left / speed:,.0f} s" if speed > 0 else "?")
-    pct = 100.0 * s["bytes"] / s["bytes_total"] if s["bytes_total"] else 100.0
-    return (f"{s['records'] / el:,.0f}", f"{s['tokens'] / el:,.0f}", f"{speed / 1e6:,.1f}",
-            f"{min(pct, 100.0):.0f} %", eta)
-
-
-def progress_table(states: list[dict[str, Any]], now: float, num_shards: int, since: float,
-                   planned_bytes: int | None = None) -> Any:
-    """Running tasks, one row each, and an overall row (rates over the wall time of this run; its
-    ETA over ``planned_bytes``, all the input of the shards this run builds, when known)."""
-    from rich.table import Table
-
-    t = Table(title=f"dm-preprocess: {sum(s['done'] for s in states)} of {len(states)} task(s) of this run "
-                    f"done ({num_shards} shards)", title_justify="left")
-    for col in ("task", "records/s", "tokens/s", "MB/s", "read", "ETA"):
-        t.add_column(col, justify="right")
-    for s in states:
-        if not s["done"]:
-            t.add_row(f"shard {s['shard']}", *_rates(s, s["now"] - s["start"]))
-    total = {k: sum(s[k] for s in states) for k in ("records", "tokens", "bytes", "bytes_total")}
-    if planned_bytes is not None:
-        total["bytes_total"] = planned_bytes
-    total["done"] = bool(states) and all(s["done"] for s in states) and total["bytes"] >= total["bytes_total"]
-    t.add_row("all", *_rates(total, now - since), style="bold")
-    return t
-
-
-class LiveProgress:
-    """``with LiveProgress(logging_dir, num_shards):`` redraws the table until the block ends."""
-
-    def __init__(self, logging_dir: Path, num_shards: int, console: Any, every_s: float = 0.5) -> None:
-        self.logging_dir, self.num_shards = logging_dir, num_shards
-        self.console, self.every_s = console, every_s
-        self.since = time.time()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _render(self) -> Any:
-        return progress_table(read_progress(self.logging_dir, self.since), time.time(), self.num_shards,
-                              self.since, _planned_bytes(self.logging_dir, self.since))
-
-    def _loop(self) -> None:
-        from rich.live import Live
-
-        with Live(self._render(), console=self.console, transient=True, auto_refresh=False) as live:
-            while not self._stop.wait(self.every_s):
-                live.update(self._render(), refresh=True)
-
-    def __enter__(self) -> LiveProgress:
-        if self.console.is_terminal:
-            self._thread = threading.Thread(target=self._loop, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS of this (driver) process in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def summary_table(index: dict[str, Any], wall_s: float | None = None,
-                  timings: list[dict[str, Any]] | None = None) -> Any:
-    """The folder's table; with ``wall_s``/``timings`` (a run), a line about the work of this run."""
-    from rich.table import Table
-
-    t = Table(title=f"{index['num_samples']:,} samples, {index['num_tokens']:,} tokens in "
-                    f"{index['num_shards']} shards ({index['token_dtype']}); extractor "
-                    f"{index['extractor']['name']} v{index['extractor']['version']}")
-    # Short headers so the table fits 80 columns: sup = supervised tokens, dense = info-dense tokens,
-    # sel = extracted (selected) samples, rho = per-sample mean share, rho_tok = token-weighted share.
-    for col in ("domain", "samples", "tokens", "sup", "dense", "sel", "rho", "rho_tok"):
-        t.add_column(col, justify="right" if col != "domain" else "left")
-    for name, d in index["domains"].items():
-        t.add_row(name, f"{d['samples']:,}", f"{d['tokens']:,}", f"{d['supervised_tokens']:,}",
-                  f"{d['dense_tokens']:,}", f"{d['selected_samples']:,}", f"{d['rho']:.3f}",
-                  f"{d['rho_tokens']:.3f}")
-    rejects = ", ".join(f"{k}: {v:,}" for k, v in index["rejects"].items()) or "none"
-    status = ", ".join(f"{k}: {v:,}" for k, v in index["extract_status"].items()) or "-"
-    align = ", ".join(f"{k}: {v:,}" for k, v in index["alignment"].items()) or "-"
-    shard_tokens = [s["num_tokens"] for s in index["shards"]]
-    balance = max(shard_tokens) * len(shard_tokens) / sum(shard_tokens) if sum(shard_tokens) else 1.0
-    caption = ["sup/dense: supervised/info-dense tokens; sel: extracted samples; rho: mean per-sample "
-               "dense share of supervised tokens over extracted samples (rho_tok: token-weighted)",
-               f"read: {index.get('records_read', 0):,} records, {index.get('blank_lines', 0):,} blank "
-               "lines, "
-               f"{index.get('bytes_read', 0) / 1e6:,.1f} MB; largest shard {balance:.2f}x the mean in tokens",
-               f"rejects: {rejects}",
-               f"extractor status: {status}; unmatched spans: {index['unmatched_spans']}",
-               f"alignment: {align}"]
-    if wall_s is not None:
-        caption.append(_this_run(index, wall_s, timings or []))
-    t.caption = "\n".join(caption)
-    return t
-
-
-def _this_run(index: dict[str, Any], wall_s: float, timings: list[dict[str, Any]]) -> str:
-    """Rates over the shards built by this run only (a rerun that skipped everything says so)."""
-    if not timings:
-        return f"this run: nothing to do, all {index['num_shards']} shards were complete ({wall_s:.1f} s)"
-    samples = sum(t["num_samples"] for t in timings)
-    tokens = sum(t["num_tokens"] for t in timings)
-    mb = sum(t.get("bytes_read", 0) for t in timings) / 1e6
-    cpu = sum(t["cpu_s"] for t in timings)
-    return (f"this run: {len(timings)} shard(s) built in {wall_s:.1f} s: {samples / wall_s:,.0f} samples/s, "
-            f"{tokens / wall_s:,.0f} tokens/s, {mb / wall_s:,.1f} MB/s; {cpu:.1f} CPU s; max worker "
-            f"peak RSS {max(t['peak_rss_mb'] for t in timings):,.0f} MB, driver {_peak_rss_mb():,.0f} MB")
+def dry_run(cfg: PreprocessConfig) -> DryRun:
+    """The LLM extractor's cost for ``cfg`` without a request or a written file: the same records,
+    fraction selection and request bodies as the run, minus the samples already in the cache.
+    (Samples the run would reject as too long are still counted: the estimate errs high.)"""
+    if cfg.extractor != "llm":
+        raise ValueError(f"--dry-run estimates the llm extractor's cost; extractor is {cfg.extractor!r}")
+    x = get_extractor("llm", **{**cfg.extractor_options, "dry_run": True})
+    out = DryRun(None)
+    items = (it for it in read_inputs(cfg.inputs, cfg.fields, out.rejects, cfg.hf_split)
+             if fraction_selected(it.key, fraction_for(cfg.fractions, it.domain), cfg.seed))
+    while batch := list(islice(items, cfg.batch_size)):
+        x.extract_batch(batch)
+        out.selected += len(batch)
+    out.estimate = x.dry_run_estimate  # type: ignore[attr-defined]
+    out.cached = x.stats["dry_run_cached_skipped"]  # type: ignore[attr-defined]
+    return out

@@ -169,6 +169,9 @@ class ShardJob:
             for batch in _batched(self.records(), self.cfg.batch_size):
                 self.process_batch(writer, batch)
                 self.report_progress(writer)
+            check = getattr(self.extractor, "check_publishable", None)
+            if check is not None:  # e.g. the LLM extractor's failure budget: raises, nothing is published
+                check()
             manifest = writer.finish(self.manifest_extra())
             self.report_progress(writer, done=True)
             return manifest

@@ -18,6 +18,7 @@ from datatrove.pipeline.base import PipelineStep
 from loguru import logger
 
 from preprocess.align import TokenizerSpec
+from preprocess.extractors.base import ExtractorError
 from preprocess.pipeline.config import PreprocessConfig, RejectError, ShardTaskError
 from preprocess.pipeline.shard import RunInputs, ShardJob, load_tokenizer, resolve_inputs
 from preprocess.shards import (
@@ -61,7 +62,8 @@ def process_shard(cfg: PreprocessConfig, shard: int, spec: TokenizerSpec | None 
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "num_samples": manifest["num_samples"], "num_tokens": manifest["num_tokens"],
               "bytes_read": manifest["stats"]["bytes_read"],
-              "records_read": manifest["stats"]["records_read"] + manifest["stats"]["blank_lines"]}
+              "records_read": manifest["stats"]["records_read"] + manifest["stats"]["blank_lines"],
+              "extractor": getattr(job.extractor, "summary", dict)()}  # requests, retries, failures...
     (cfg.logging_dir / "timing").mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg.logging_dir / "timing" / f"{name}.json", timing)
     return manifest
@@ -87,7 +89,18 @@ def raise_first_failure(cfg: PreprocessConfig) -> None:
             f = json.loads(path.read_text(encoding="utf-8"))
             if f["kind"] == "reject":
                 raise RejectError(f["message"])
+            if f["kind"] == "extractor":
+                raise ExtractorError(f["message"])
             raise ShardTaskError(f"{shard_name(k)}: {f['message']} (traceback in {f['log']})")
+
+
+def _stopped(cfg: PreprocessConfig) -> bool:
+    """True once a task of this run failed for a reason other than a bad record (an extractor that
+    cannot go on, a bug): the remaining tasks then stop instead of failing the same way.  A bad
+    record in strict mode does not stop them, since a lower shard may hold an earlier one."""
+    folder = cfg.logging_dir / "failures"
+    return folder.is_dir() and any(json.loads(p.read_text(encoding="utf-8"))["kind"] != "reject"
+                                   for p in folder.glob("shard_*.json"))
 
 
 class ShardStep(PipelineStep):
@@ -95,8 +108,9 @@ class ShardStep(PipelineStep):
 
     On the local executor a failing task leaves a one-line account in ``failure_path`` (the
     traceback goes to the task's log file only) and returns, so the terminal gets no traceback
-    per task; the driver then raises the lowest shard's failure (``raise_first_failure``).  On
-    SLURM the task also fails, so the array job shows it.
+    per task; later tasks stop at once unless the failure was a bad record (``_stopped``), and the
+    driver raises the lowest shard's failure (``raise_first_failure``).  On SLURM the task also
+    fails, so the array job shows it.
     """
 
     name = "dm-preprocess shard"
@@ -112,19 +126,21 @@ class ShardStep(PipelineStep):
     def run(self, data: Any = None, rank: int = 0, world_size: int = 1) -> None:  # type: ignore[override]
         if world_size != self.cfg.num_shards:
             raise RuntimeError(f"world_size {world_size} != num_shards {self.cfg.num_shards}")
+        if self.cfg.executor == "local" and _stopped(self.cfg):
+            return None
         try:
             m = process_shard(self.cfg, rank, self.spec, self.inputs)
         except Exception as e:
             log = self.cfg.logging_dir / "shards" / "logs" / f"task_{rank:05d}.log"
-            if not isinstance(e, RejectError):
+            kind = "reject" if isinstance(e, RejectError) else "extractor" if isinstance(e, ExtractorError) \
+                else "error"
+            message = " ".join(str(e).split()) or type(e).__name__
+            if kind == "error":
                 logger.opt(exception=e).debug("shard task failed")  # to the task's log file
+                message = f"{type(e).__name__}: {message}"
             path = failure_path(self.cfg, rank)
             path.parent.mkdir(parents=True, exist_ok=True)
-            message = " ".join(str(e).split()) or type(e).__name__
-            if not isinstance(e, RejectError):
-                message = f"{type(e).__name__}: {message}"
-            write_json_atomic(path, {"kind": "reject" if isinstance(e, RejectError) else "error",
-                                     "message": message, "log": str(log)})
+            write_json_atomic(path, {"kind": kind, "message": message, "log": str(log)})
             if self.cfg.executor == "slurm":
                 raise
             return None
