@@ -414,14 +414,15 @@ def main(argv: list[str] | None = None) -> int:
 def _one_line(e: BaseException) -> str:
     """The message of ``e`` on one line; errors without a location of their own (bugs, library
     errors) get where they were raised."""
+    from preprocess.extractors.base import ExtractorError
     from preprocess.pipeline.config import RejectError, ShardTaskError
     from preprocess.shards import ConfigMismatchError
 
     msg = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, RejectError):
         return f"(--strict) {msg}"
-    if isinstance(e, (ConfigMismatchError, ShardTaskError, FileNotFoundError, ValueError, KeyError,
-                      PermissionError)):
+    if isinstance(e, (ConfigMismatchError, ShardTaskError, ExtractorError, FileNotFoundError, ValueError,
+                      KeyError, PermissionError)):
         return msg
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:

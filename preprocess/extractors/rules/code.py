@@ -123,13 +123,27 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 def _names(node: ast.AST) -> set[str]:
-    """Every name and dotted attribute read in an expression."""
+    """Every name and dotted attribute read in an expression (``ast.walk`` without the generator
+    machinery, skipping node types that hold no names: it runs for every assignment and return)."""
     out: set[str] = set()
-    for n in ast.walk(node):
-        if isinstance(n, (ast.Name, ast.Attribute)):
+    stack = [node]
+    skip = _NAMELESS_TYPES
+    while stack:
+        n = stack.pop()
+        t = type(n)
+        if t is ast.Name:
+            out.add(n.id)  # type: ignore[attr-defined]
+            continue
+        if t is ast.Attribute:
             d = _dotted(n)
             if d is not None:
                 out.add(d)
+        for name in n._fields:
+            v = getattr(n, name, None)
+            if type(v) is list:
+                stack.extend(x for x in v if isinstance(x, _AST) and type(x) not in skip)
+            elif isinstance(v, _AST) and type(v) not in skip:
+                stack.append(v)
     return out
 
 
@@ -177,7 +191,7 @@ def _result_names(func: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[frozens
             parts = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
             bare.update(p.id for p in parts if isinstance(p, ast.Name))
             read |= _names(node.value)
-        stack.extend(ast.iter_child_nodes(node))
+        stack.extend(_children(node))  # leaves (names, operators) hold no return
     return frozenset(bare), frozenset(read)
 
 
@@ -295,6 +309,8 @@ def _leaf_types() -> frozenset[type]:
 
 
 _LEAF_TYPES = _leaf_types()
+# Node types without a name below them (contexts, operators, constants, import aliases).
+_NAMELESS_TYPES = frozenset(t for t in _LEAF_TYPES if not issubclass(t, (ast.Name, ast.JoinedStr)))
 _AST = ast.AST
 
 
