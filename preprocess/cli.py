@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rules | llm | confidence | none (registered extractors)")
     r.add_argument("--extractor-option", action="append", type=_kv, default=[], metavar="K=V",
                    help="extractor option (JSON value or string); repeatable")
+    r.add_argument("--max-rho", action="append", default=[],
+                   help="rho budget per domain, e.g. code=0.25,math=0.31: keep the highest-scoring spans "
+                        "up to that share of supervised tokens (docs/extractors.md); repeatable")
     r.add_argument("--max-length", type=int, default=2048, help="reject samples with more tokens")
     r.add_argument("--num-shards", type=int, default=8,
                    help="fixed shard count (output independent of workers)")
@@ -161,7 +164,8 @@ def config_from_args(a: argparse.Namespace) -> Any:
                          logging_dir=a.logging_dir)
     return PreprocessConfig(
         inputs=a.input, output_dir=a.output, tokenizer=a.tokenizer, extractor=a.extractor,
-        extractor_options=dict(a.extractor_option), fractions=_fractions(a), seed=a.seed,
+        extractor_options=dict(a.extractor_option), fractions=_fractions(a),
+        max_rho=parse_fractions(",".join(a.max_rho), "--max-rho"), seed=a.seed,
         max_length=a.max_length, num_shards=a.num_shards, workers=a.workers, executor=a.executor, slurm=slurm,
         strict=a.strict, use_chat_template=a.use_chat_template, fields=_fields(a), hf_split=a.hf_split,
         batch_size=a.batch_size, overwrite=a.overwrite)

@@ -36,7 +36,7 @@ PREPROCESS_LAYERS: list[tuple[str, ...]] = [
     ("preprocess.extractors.rules", "preprocess.extractors.none", "preprocess.extractors.llm",
      "preprocess.extractors.confidence"),
     ("preprocess.extractors.registry",),
-    ("preprocess.align",),
+    ("preprocess.align", "preprocess.budget"),
     ("preprocess.shards_verify",),
     ("preprocess.pipeline",),
     ("preprocess.cli",),
