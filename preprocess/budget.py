@@ -8,10 +8,13 @@ domain at that share, whatever the extractor, by dropping its lowest-priority sp
 - The budget counts tokens after alignment, not characters: at most
   ``floor(max_rho * supervised tokens)`` response tokens stay marked, supervised tokens being the
   response plus its EOS, as in the reported rho (:func:`budget_tokens`).
-- Spans are whole units: a span is kept or dropped, never cut.  They are taken by descending
-  ``Span.score`` (ties: the earlier span first), and a span is kept when the tokens marked so far plus
-  its own new ones stay within the budget; one that does not fit is skipped and the next one tried,
-  so smaller spans of lower priority can fill what is left (:func:`keep_within_budget`).
+- Spans are taken by descending ``Span.score`` (ties: the earlier span first).  A span is kept whole
+  when the tokens marked so far plus its own new ones stay within the budget; one that does not fit
+  is skipped and the next one tried, so smaller spans of lower priority can fill what is left.
+  Then the highest-priority skipped span fills the rest with its first tokens: the one span of a
+  sample that is cut.  So a sample over its budget ends with exactly the budget marked, and a short
+  answer whose one span is larger than the budget (``return re.findall(...)``) keeps the start of
+  it instead of nothing (:func:`select_within_budget`).
 - Deterministic: a pure function of the spans, their scores and the tokens; no randomness.
 
 A sample already within its budget is left as it is.
@@ -36,27 +39,44 @@ def budget_tokens(max_rho: float, n_supervised: int) -> int:
     return math.floor(Fraction(str(max_rho)) * n_supervised)
 
 
-def keep_within_budget(members: Sequence[np.ndarray], scores: Sequence[float], budget: int) -> np.ndarray:
-    """Bool per span: kept under ``budget`` marked tokens (the module docstring says how).
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What a budget keeps of one sample's spans."""
 
-    ``members[k]`` are the token indices span ``k`` covers (spans in position order; neighbours may
-    share an edge token, which counts once); ``scores[k]`` its priority (NaN counts as the lowest).
+    marked: np.ndarray  # bool per token index up to the last span token: still marked
+    kept: np.ndarray  # bool per span: kept whole
+    cut: int  # the span kept in part (its first new tokens), or -1
+
+
+def select_within_budget(members: Sequence[np.ndarray], scores: Sequence[float], budget: int) -> Selection:
+    """The spans and tokens kept under ``budget`` marked tokens (the module docstring says how).
+
+    ``members[k]`` are the token indices span ``k`` covers, ascending (spans in position order;
+    neighbours may share an edge token, which counts once); ``scores[k]`` its priority (NaN counts as
+    the lowest).
     """
     if len(members) != len(scores):
         raise ValueError(f"{len(members)} spans but {len(scores)} scores")
     order = sorted(range(len(members)), key=lambda k: (-scores[k] if scores[k] == scores[k] else math.inf, k))
     size = max((int(m.max()) + 1 for m in members if len(m)), default=0)
     marked = np.zeros(size, dtype=bool)
-    keep = np.zeros(len(members), dtype=bool)
-    used = 0
+    kept = np.zeros(len(members), dtype=bool)
+    used, cut = 0, -1
     for k in order:
         m = members[k]
         new = m[~marked[m]]
         if used + len(new) <= budget:
             marked[new] = True
             used += len(new)
-            keep[k] = True
-    return keep
+            kept[k] = True
+        elif cut < 0:
+            cut = k
+    if cut >= 0 and used < budget:
+        m = members[cut]
+        marked[m[~marked[m]][: budget - used]] = True
+    else:
+        cut = -1
+    return Selection(marked, kept, cut)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +84,7 @@ class Trimmed:
     """One sample's marks under its budget."""
 
     dense: np.ndarray  # bool per response token
-    dropped_spans: int
+    dropped_spans: int  # neither kept whole nor cut
     dropped_tokens: int  # marked before the budget, unmarked after
 
 
@@ -79,8 +99,7 @@ def trim_to_budget(ids: np.ndarray, offsets: Sequence[tuple[int, int]] | None, t
     before = int(dense.sum())
     if before <= budget:
         return Trimmed(dense, 0, 0)
-    keep = keep_within_budget(members, [s.score for s in spans], budget)
+    sel = select_within_budget(members, [s.score for s in spans], budget)
     dense[:] = False
-    for m in (m for m, k in zip(members, keep) if k):
-        dense[m] = True
-    return Trimmed(dense, int((~keep).sum()), before - int(dense.sum()))
+    dense[: len(sel.marked)] = sel.marked
+    return Trimmed(dense, int((~sel.kept).sum()) - (sel.cut >= 0), before - int(dense.sum()))

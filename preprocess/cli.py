@@ -9,7 +9,8 @@
 
 ``run`` flags mirror ``PreprocessConfig`` field by field (see ``docs/preprocess.md``).  Every
 command that reads records (run, cost, batch) reads them through ``preprocess.records`` with the
-same field-mapping flags.
+same field-mapping flags.  Over 400 lines: the flags of every command sit in one parser next to
+the handlers that read them; the work itself lives in the modules each handler imports.
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="summary of a finished folder")
     st.add_argument("path")
     st.add_argument("--rejects", type=int, default=0, help="also list the first N rejected records")
+    st.add_argument("--outliers", type=int, default=5, help="rho outliers listed per domain and kind")
+    st.add_argument("--rho-above", type=float, default=None, help="high-rho outlier threshold "
+                    "(default: twice the paper's rho of the domain)")
 
     c = sub.add_parser("cost", help="LLM extractor cost estimate, before spending anything")
     _add_input_args(c)
@@ -180,6 +184,8 @@ def summary_table(index: dict[str, Any], wall_s: float | None = None,
                   timings: list[dict[str, Any]] | None = None) -> Any:
     from rich.table import Table
 
+    from preprocess.rho_stats import budget_line
+
     t = Table(title=f"{index['num_samples']:,} samples, {index['num_tokens']:,} tokens in "
                     f"{index['num_shards']} shards ({index['token_dtype']}); extractor "
                     f"{index['extractor']['name']} v{index['extractor']['version']}")
@@ -199,6 +205,8 @@ def summary_table(index: dict[str, Any], wall_s: float | None = None,
                f"rejects: {rejects}",
                f"extractor status: {status}; unmatched spans: {index['unmatched_spans']}",
                f"alignment: {align}"]
+    if budget := budget_line(index):
+        caption.append(budget)
     if wall_s is not None:
         caption.append(f"wall {wall_s:.1f} s: {index['num_samples'] / wall_s:,.0f} samples/s, "
                        f"{index['num_tokens'] / wall_s:,.0f} tokens/s; "
@@ -301,11 +309,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_stats(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from preprocess.shards import INDEX_FILE
+    from preprocess.rho_stats import rho_report
+    from preprocess.shards import INDEX_FILE, ShardedDataset
 
     index = json.loads((Path(a.path) / INDEX_FILE).read_text(encoding="utf-8"))
     console = Console()
     console.print(summary_table(index))
+    for part in rho_report(ShardedDataset(a.path), a.outliers, a.rho_above):
+        console.print(part)
     if a.rejects:
         shown = 0
         for shard in index["shards"]:

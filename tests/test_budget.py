@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from preprocess.align import align_spans, byte_length_table, span_tokens
 from preprocess.assets import SAMPLE_PATH, TOKENIZER_DIR
-from preprocess.budget import budget_tokens, keep_within_budget, trim_to_budget
+from preprocess.budget import budget_tokens, select_within_budget, trim_to_budget
 from preprocess.extractors.base import ExtractInput, Span, parse_fractions, validate_spans
 from preprocess.extractors.registry import get_extractor
 from preprocess.pipeline.config import PreprocessConfig
@@ -42,37 +42,48 @@ def _union(members: list[np.ndarray], keep: np.ndarray) -> set[int]:
 
 @settings(max_examples=300, deadline=None)
 @given(_spans())
-def test_keep_within_budget_properties(case) -> None:
+def test_select_within_budget_properties(case) -> None:
     members, scores, budget = case
-    keep = keep_within_budget(members, scores, budget)
-    kept = _union(members, keep)
-    assert len(kept) <= budget  # never over budget
-    if len(_union(members, np.ones(len(members), dtype=bool))) <= budget:
-        assert keep.all()  # within budget: nothing dropped
-    for m, k in zip(members, keep):
-        if not k:  # maximal: a dropped span does not fit beside what was kept
-            assert len(kept | {int(t) for t in m}) > budget
-    if members:  # the top span (highest score, then earliest) is kept iff it fits alone
+    sel = select_within_budget(members, scores, budget)
+    marked = {int(t) for t in np.flatnonzero(sel.marked)}
+    everything = _union(members, np.ones(len(members), dtype=bool))
+    whole = _union(members, sel.kept)
+    assert marked <= everything and whole <= marked
+    if len(everything) <= budget:  # within budget: nothing dropped, nothing cut
+        assert sel.kept.all() and sel.cut == -1 and marked == everything
+    else:  # over budget: trimmed to exactly the budget, by at most one cut span
+        assert len(marked) == budget
+        assert marked - whole <= ({int(t) for t in members[sel.cut]} if sel.cut >= 0 else set())
+    for m, k in zip(members, sel.kept):
+        if not k:  # maximal: a span not kept whole does not fit beside the whole ones
+            assert len(whole | {int(t) for t in m}) > budget
+    if members:  # the top span (highest score, then earliest) is kept whole iff it fits alone
         top = min(range(len(members)), key=lambda k: (-scores[k], k))
-        assert keep[top] == (len(members[top]) <= budget)
+        assert sel.kept[top] == (len(members[top]) <= budget)
     # only the order of scores matters, and the result is deterministic
-    assert np.array_equal(keep, keep_within_budget(members, [3 * s + 7 for s in scores], budget))
+    again = select_within_budget(members, [3 * s + 7 for s in scores], budget)
+    assert np.array_equal(sel.marked, again.marked) and np.array_equal(sel.kept, again.kept)
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 20), st.integers(0, 20))
+@given(st.integers(1, 20), st.integers(0, 41))
 def test_equal_scores_keep_the_earliest_spans(n: int, budget: int) -> None:
     members = [np.array([2 * k, 2 * k + 1]) for k in range(n)]  # disjoint, two tokens each
-    keep = keep_within_budget(members, [0.0] * n, budget)
-    assert keep.tolist() == [k < budget // 2 for k in range(n)]
+    sel = select_within_budget(members, [0.0] * n, budget)
+    assert sel.kept.tolist() == [k < budget // 2 for k in range(n)]
+    assert np.flatnonzero(sel.marked).tolist() == list(range(min(budget, 2 * n)))
 
 
 def test_higher_score_wins_over_position() -> None:
     members = [np.arange(0, 3), np.arange(5, 8), np.arange(10, 11)]
-    assert keep_within_budget(members, [1.0, 2.0, 0.0], 4).tolist() == [False, True, True]
-    assert keep_within_budget(members, [1.0, 2.0, float("nan")], 3).tolist() == [False, True, False]
+    sel = select_within_budget(members, [1.0, 2.0, 0.0], 4)
+    assert sel.kept.tolist() == [False, True, True] and sel.cut == -1
+    sel = select_within_budget(members, [1.0, 2.0, float("nan")], 5)  # NaN last; span 0 fills the rest
+    assert sel.kept.tolist() == [False, True, True] and sel.cut == 0
+    assert np.flatnonzero(sel.marked).tolist() == [0, 5, 6, 7, 10]
+    assert np.flatnonzero(select_within_budget([np.arange(0, 9)], [1.0], 4).marked).tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="scores"):
-        keep_within_budget(members, [1.0], 3)
+        select_within_budget(members, [1.0], 3)
 
 
 @settings(max_examples=200, deadline=None)
@@ -118,7 +129,8 @@ def test_span_tokens_and_trim_match_the_aligner(tok, raw, by_bytes: bool, budget
     assert int(t.dense.sum()) <= budget
     assert not (t.dense & ~full).any()  # the budget only unmarks
     assert int(full.sum()) - int(t.dense.sum()) == t.dropped_tokens
-    assert t.dropped_tokens == 0 or t.dropped_spans > 0
+    assert int(t.dense.sum()) == min(budget, int(full.sum()))  # over budget: exactly the budget
+    assert (t.dropped_tokens > 0) == (int(full.sum()) > budget) and t.dropped_spans <= len(spans)
 
 
 def test_rules_scores_follow_kind_priority() -> None:
@@ -161,10 +173,10 @@ def test_pipeline_with_budget(tmp_path: Path) -> None:
             assert np.array_equal(s.flags, f.flags)  # within budget: untouched
         else:
             trimmed[name] += 1
-            assert n_dense > 0 or n_free == 0  # something of the highest priority fits (short spans here)
+            assert n_dense == budget_tokens(budget[name], n_sup)  # trimmed to exactly the budget
     doms = ds.index["domains"]
     for name, d in doms.items():
         assert d["budget_samples"] == trimmed[name] > 0
         assert d["budget_dropped_tokens"] == free.index["domains"][name]["dense_tokens"] - d["dense_tokens"]
-        assert d["budget_dropped_spans"] >= d["budget_samples"]
+        assert 0 < d["budget_dropped_spans"]
         assert d["rho"] <= budget[name]

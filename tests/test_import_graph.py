@@ -37,7 +37,7 @@ PREPROCESS_LAYERS: list[tuple[str, ...]] = [
      "preprocess.extractors.confidence"),
     ("preprocess.extractors.registry",),
     ("preprocess.align", "preprocess.budget"),
-    ("preprocess.shards_verify",),
+    ("preprocess.shards_verify", "preprocess.rho_stats"),
     ("preprocess.pipeline",),
     ("preprocess.cli",),
 ]
