@@ -66,12 +66,13 @@ def default_threshold(domain: str) -> float:
 
 
 def histogram(rho: np.ndarray) -> list[tuple[float, int]]:
-    """``(bin start, count)`` for bins of ``BIN_WIDTH`` from 0 to the bin holding the largest rho."""
+    """``(bin start, count)`` for bins ``(start, start + BIN_WIDTH]`` (the first one takes 0 as well) up
+    to the bin holding the largest rho; closed on the right, so a sample at a budget such as 0.25
+    counts in the bin that ends there."""
     if len(rho) == 0:
         return []
-    n_bins = min(int(round(1 / BIN_WIDTH)), int(np.floor(rho.max() / BIN_WIDTH + 1e-9)) + 1)
-    idx = np.minimum(np.floor(rho / BIN_WIDTH + 1e-9).astype(np.int64), n_bins - 1)
-    counts = np.bincount(idx, minlength=n_bins)
+    idx = np.maximum(np.ceil(rho / BIN_WIDTH - 1e-9).astype(np.int64) - 1, 0)
+    counts = np.bincount(idx, minlength=int(idx.max()) + 1)
     return [(k * BIN_WIDTH, int(c)) for k, c in enumerate(counts)]
 
 
