@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainer.config import load_config  # noqa: E402
+from trainer.config_io import load_config  # noqa: E402
 from trainer.modeling import call_model  # noqa: E402
 from trainer.objective import make_training_batch  # noqa: E402
 

@@ -163,7 +163,7 @@ def test_attn_backend_selection():
         attn_implementation_for("flex", "sdpa")
     with pytest.raises(ValueError, match="needs objective.attn_backend = flex"):
         attn_implementation_for("sdpa", "flex_attention")
-    from trainer.config import load_config
+    from trainer.config_io import load_config
 
     assert load_config([]).objective.attn_backend == "auto"
     with pytest.raises(ValueError, match="objective.attn_backend"):

@@ -3,9 +3,7 @@
 What is here is the schema: every section validates itself in ``__post_init__`` and names the bad
 field (``optim.lr: must be > 0``), and the docstring written under each field is the ``--help`` text.
 How values get onto the tree (preset < YAML < CLI) and how the DeepSpeed JSON is checked against it
-live in :mod:`trainer.config_io`; its public names (``load_config``, ``help_text``,
-``resolve_deepspeed_config``, ...) stay importable from here, so ``from trainer.config import
-load_config`` keeps working for launchers and SLURM scripts.
+live in :mod:`trainer.config_io`, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -276,23 +274,3 @@ def tiny_smoke() -> Config:
 
 
 PRESETS = {"tiny_default": tiny_default, "tiny_smoke": tiny_smoke}
-
-
-# ------------------------------------------------------------------------- the YAML/CLI/JSON mapping
-
-def __getattr__(name: str) -> Any:
-    """Re-export :mod:`trainer.config_io` lazily (PEP 562): config_io imports this module for the tree,
-    so an eager import here would be circular when config_io is imported first."""
-    if not name.startswith("__"):
-        from trainer import config_io
-
-        if name in config_io.__all__:
-            return getattr(config_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    from trainer import config_io
-
-    return sorted(set(globals()) | set(config_io.__all__))
-
