@@ -92,8 +92,14 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         quiet = ["--metrics.progress", "false", "--metrics.tensorboard", "false", "--metrics.jsonl", "false"]
         cfg = load_config(["--checkpoint.output_dir", tmp, "--checkpoint.resume", "never", *quiet, *rest])
+        import torch.distributed as dist
+
+        from launch.train import prepare_default_data
+        from trainer.components import init_distributed
         from trainer.loop import Trainer
 
+        init_distributed()
+        prepare_default_data(cfg, dist.get_rank())
         trainer = Trainer(cfg)
         try:
             trainer.engine.train()

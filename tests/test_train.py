@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.loop import lr_factor
+from trainer.components import lr_factor
 from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
 
 
 def test_attn_backend_selection():
-    from trainer.loop import attn_implementation_for, resolve_attn_backend
+    from trainer.components import attn_implementation_for, resolve_attn_backend
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_attn_backend("auto", cpu) == "sdpa"
@@ -174,7 +174,7 @@ def test_flex_backend_gives_the_sdpa_loss():
     """The trainer's flex path (model loaded with flex_attention, BlockMask inputs, LM head on the noisy
     half) gives the sdpa loss on the same masked batches.  Forward only: flex has no CPU backward;
     flex compiles through inductor on CPU (~5-15 s)."""
-    from trainer.loop import attn_implementation_for
+    from trainer.components import attn_implementation_for
     from trainer.masking import MaskingConfig
     from trainer.modeling import call_model, load_model
     from trainer.objective import make_training_batch
@@ -200,7 +200,7 @@ def test_flex_backend_gives_the_sdpa_loss():
 
 
 def test_weight_decay_skips_biases_norms_and_embeddings():
-    from trainer.loop import param_groups
+    from trainer.components import param_groups
     from trainer.modeling import load_model
 
     model = load_model("tiny", seed=0).model
