@@ -59,7 +59,8 @@ def test_an_unknown_architecture_is_refused_by_name(tmp_path):
                       num_attention_heads=2)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
-    with pytest.raises(ValueError, match=r"config.json: model_type 'llama' is not a diffusion-LM family.*llada2_moe"):
+    with pytest.raises(ValueError, match=r"config.json: model_type 'llama' is not a diffusion-LM family"
+                                         r".*llada2_moe"):
         load_model(tmp_path / "llama")
 
 
