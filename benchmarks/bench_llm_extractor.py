@@ -29,8 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from preprocess.assets import SAMPLE_PATH  # noqa: E402
-from preprocess.cost import estimate_cost, read_jsonl  # noqa: E402
-from preprocess.spans import get_extractor  # noqa: E402
+from preprocess.extractors.base import read_inputs  # noqa: E402
+from preprocess.extractors.llm.cost import estimate_cost  # noqa: E402
+from preprocess.extractors.registry import get_extractor  # noqa: E402
+from preprocess.records import FieldMap  # noqa: E402
 
 # Paper §3: OPC-SFT-Stage2 (code) + GSM8K (math), "around 450K samples".
 PAPER_CODE = 436_347  # OPC-SFT-Stage2 rows
@@ -131,12 +133,12 @@ def main() -> None:
     ap.add_argument("--skip-throughput", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    errors: list[str] = []
-    all_items = list(read_jsonl(SAMPLE_PATH, errors))
-    assert not errors, errors[:3]
+    rejects: list = []
+    all_items = list(read_inputs([SAMPLE_PATH], FieldMap(), rejects))
+    assert not rejects, rejects[:3]
     items = (all_items * (args.samples // len(all_items) + 1))[:args.samples]
     if args.samples > len(all_items):  # distinct keys and content, so nothing is deduplicated
-        from preprocess.spans import ExtractInput
+        from preprocess.extractors.base import ExtractInput
 
         items = [ExtractInput(f"{it.key}#{i}", it.prompt + f" (copy {i})", it.response, it.domain)
                  for i, it in enumerate(items)]

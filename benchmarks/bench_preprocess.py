@@ -32,7 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from preprocess.assets import SAMPLE_PATH  # noqa: E402
-from preprocess.pipeline import PreprocessConfig, load_tokenizer, read_timings, run_pipeline  # noqa: E402
+from preprocess.pipeline import PreprocessConfig, run_pipeline  # noqa: E402
+from preprocess.pipeline.shard import load_tokenizer  # noqa: E402
+from preprocess.pipeline.steps import read_timings  # noqa: E402
 
 
 def make_input(path: Path, n: int) -> None:

@@ -4,6 +4,8 @@
     python launch/preprocess.py verify data/pp
     python launch/preprocess.py inspect data/pp --index 0
     python launch/preprocess.py stats data/pp --rejects 10
+    python launch/preprocess.py cost --input data.jsonl --model gpt-4o --fraction code=0.1,math=0.5
+    python launch/preprocess.py batch status --option cache_dir=cache/llm
 
 The ``__main__`` guard matters: datatrove's local executor starts workers through a forkserver,
 which re-imports this module.

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from preprocess.spans import Span
+from preprocess.extractors.base import Span
 
 
 class AlignmentError(ValueError):

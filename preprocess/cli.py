@@ -1,11 +1,15 @@
-"""``dm-preprocess`` / ``python launch/preprocess.py``: run, verify, inspect, stats.
+"""``dm-preprocess`` / ``python launch/preprocess.py``: run, verify, inspect, stats, cost, batch.
 
     dm-preprocess run --input data.jsonl --output out/ --extractor rules --fraction code=0.1,math=0.5
     dm-preprocess verify out/              # exit status 1 and one line per problem if damaged
     dm-preprocess inspect out/ --index 3   # sample 3 with info-dense tokens highlighted
     dm-preprocess stats out/ --rejects 5   # the summary table again, plus the first rejects
+    dm-preprocess cost --input data.jsonl --model gpt-4o --fraction code=0.1,math=0.5   # LLM dry run
+    dm-preprocess batch submit|status|collect --input data.jsonl --option cache_dir=c   # Batch API
 
-``run`` flags mirror ``PreprocessConfig`` field by field (see ``docs/readme/preprocess.md``).
+``run`` flags mirror ``PreprocessConfig`` field by field (see ``docs/preprocess.md``).  Every
+command that reads records (run, cost, batch) reads them through ``preprocess.records`` with the
+same field-mapping flags.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from preprocess.assets import TOKENIZER_DIR
+from preprocess.extractors.base import (
+    fraction_for,
+    fraction_selected,
+    parse_fractions,
+    read_inputs,
+)
+from preprocess.records import FieldMap, Reject
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -31,22 +42,48 @@ def _kv(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _add_input_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Input, field mapping (``records.FieldMap``) and fraction selection: shared by run, cost, batch."""
+    p.add_argument("--input", action="append", required=required, default=[],
+                   help="file, directory, glob or saved HF dataset; repeatable")
+    p.add_argument("--hf-split", default="train", help="split of a saved DatasetDict")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--response-field", default="response")
+    p.add_argument("--messages-field", default=None, help="chat list field (last turn = response)")
+    p.add_argument("--domain-field", default="domain", help="field with code/math/other ('' for none)")
+    p.add_argument("--domain", default=None, help="domain of every record (overrides --domain-field)")
+    p.add_argument("--id-field", default="id", help="stable sample id field ('' for <file>:<line>)")
+    p.add_argument("--fraction", action="append", default=[],
+                   help="extracted share per domain, e.g. code=0.1,math=0.5 (default 1.0); repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fraction selection")
+
+
+def _fields(a: argparse.Namespace) -> FieldMap:
+    return FieldMap(prompt=a.prompt_field, response=a.response_field, messages=a.messages_field,
+                    domain_field=a.domain_field or None, domain=a.domain, id_field=a.id_field or None)
+
+
+def _fractions(a: argparse.Namespace) -> dict[str, float]:
+    return parse_fractions(",".join(a.fraction))
+
+
+def _reject_line(r: Reject) -> str:
+    where = f" field {r.field!r}" if r.field else ""
+    return f"{r.source}:{r.line}: {r.reason}{where}: {r.detail}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dm-preprocess", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="preprocess inputs into a shard folder (resumable, idempotent)")
-    r.add_argument("--input", action="append", required=True,
-                   help="file, directory, glob or saved HF dataset; repeatable")
+    _add_input_args(r)
     r.add_argument("--output", required=True, help="output folder")
     r.add_argument("--tokenizer", default=str(TOKENIZER_DIR), help="HF tokenizer name or folder")
     r.add_argument("--extractor", default="rules", help="rules | llm | none (registered extractors)")
     r.add_argument("--extractor-option", action="append", type=_kv, default=[], metavar="K=V",
                    help="extractor option (JSON value or string); repeatable")
-    r.add_argument("--fraction", default="", help="extracted share per domain, e.g. code=0.1,math=0.5 "
-                   "(default 1.0)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the fraction selection")
     r.add_argument("--max-length", type=int, default=2048, help="reject samples with more tokens")
     r.add_argument("--num-shards", type=int, default=8,
                    help="fixed shard count (output independent of workers)")
@@ -55,13 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--strict", action="store_true", help="fail at the first bad record")
     r.add_argument("--no-chat-template", dest="use_chat_template", action="store_false",
                    help="use the raw prompt text instead of the chat template's user turn")
-    r.add_argument("--prompt-field", default="prompt")
-    r.add_argument("--response-field", default="response")
-    r.add_argument("--messages-field", default=None, help="chat list field (last turn = response)")
-    r.add_argument("--domain-field", default="domain", help="field with code/math/other ('' for none)")
-    r.add_argument("--domain", default=None, help="domain of every record (overrides --domain-field)")
-    r.add_argument("--id-field", default="id", help="stable sample id field ('' for <file>:<line>)")
-    r.add_argument("--hf-split", default="train", help="split of a saved DatasetDict")
     r.add_argument("--batch-size", type=int, default=512)
     r.add_argument("--overwrite", action="store_true", help="replace shards made with another configuration")
     s = r.add_argument_group("slurm (datatrove SlurmPipelineExecutor)")
@@ -92,11 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="summary of a finished folder")
     st.add_argument("path")
     st.add_argument("--rejects", type=int, default=0, help="also list the first N rejected records")
+
+    c = sub.add_parser("cost", help="LLM extractor cost estimate, before spending anything")
+    _add_input_args(c)
+    c.add_argument("--model", default="gpt-4o")
+    c.add_argument("--mode", choices=["online", "batch", "both"], default="both")
+    c.add_argument("--prices", default=None, help="IN,OUT USD per 1M tokens (online); overrides the table")
+    c.add_argument("--output-ratio", type=float, default=None, help="dense share of the answer (model)")
+    c.add_argument("--max-output-tokens", type=int, default=4096)
+    c.add_argument("--scale", type=_parse_counts, default=None,
+                   help="project to a corpus of DOMAIN=N samples, e.g. code=436000,math=7473")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--allow-invalid", action="store_true", help="exit 0 even if some records are invalid")
+
+    b = sub.add_parser("batch", help="LLM extractor through the Batch API: submit, status, collect")
+    b.add_argument("action", choices=["submit", "status", "collect"])
+    _add_input_args(b, required=False)
+    b.add_argument("--option", action="append", default=[], help="extractor option k=v (model, base_url ...)")
     return p
 
 
+def _parse_counts(value: str) -> dict[str, int]:
+    try:
+        return {k.strip(): int(float(v)) for k, v in (p.split("=", 1) for p in value.split(",") if p.strip())}
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--scale {value!r}: expected 'code=436000,math=7473'") from e
+
+
 def config_from_args(a: argparse.Namespace) -> Any:
-    from preprocess.pipeline import PreprocessConfig, SlurmOptions, parse_fractions
+    from preprocess.pipeline.config import PreprocessConfig, SlurmOptions
 
     slurm = SlurmOptions(partition=a.slurm_partition, time=a.slurm_time, cpus_per_task=a.slurm_cpus_per_task,
                          mem_per_cpu_gb=a.slurm_mem_per_cpu_gb, job_name=a.slurm_job_name, qos=a.slurm_qos,
@@ -106,12 +160,10 @@ def config_from_args(a: argparse.Namespace) -> Any:
                          logging_dir=a.logging_dir)
     return PreprocessConfig(
         inputs=a.input, output_dir=a.output, tokenizer=a.tokenizer, extractor=a.extractor,
-        extractor_options=dict(a.extractor_option), fractions=parse_fractions(a.fraction), seed=a.seed,
+        extractor_options=dict(a.extractor_option), fractions=_fractions(a), seed=a.seed,
         max_length=a.max_length, num_shards=a.num_shards, workers=a.workers, executor=a.executor, slurm=slurm,
-        strict=a.strict, use_chat_template=a.use_chat_template, prompt_field=a.prompt_field,
-        response_field=a.response_field, messages_field=a.messages_field, domain_field=a.domain_field or None,
-        domain=a.domain, id_field=a.id_field or None, hf_split=a.hf_split, batch_size=a.batch_size,
-        overwrite=a.overwrite)
+        strict=a.strict, use_chat_template=a.use_chat_template, fields=_fields(a), hf_split=a.hf_split,
+        batch_size=a.batch_size, overwrite=a.overwrite)
 
 
 def _peak_rss_mb() -> float:
@@ -157,7 +209,9 @@ def summary_table(index: dict[str, Any], wall_s: float | None = None,
 def cmd_run(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from preprocess.pipeline import RejectError, read_timings, run_pipeline
+    from preprocess.pipeline.config import RejectError
+    from preprocess.pipeline.driver import run_pipeline
+    from preprocess.pipeline.steps import read_timings
 
     cfg = config_from_args(a)
     t0 = time.perf_counter()
@@ -181,7 +235,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from preprocess.shards import verify
+    from preprocess.shards_verify import verify
 
     problems = verify(a.path, deep=not a.quick)
     for p in problems:
@@ -209,8 +263,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from rich.text import Text
     from transformers import AutoTokenizer
 
-    from preprocess.shards import ShardedDataset
-    from preprocess.spans import Domain
+    from preprocess.shards import Domain, ShardedDataset
 
     ds = ShardedDataset(a.path)
     tok = AutoTokenizer.from_pretrained(a.tokenizer or ds.index["tokenizer"]["name_or_path"])
@@ -262,9 +315,81 @@ def cmd_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(a: argparse.Namespace) -> int:
+    from preprocess.extractors.llm.cost import estimate_cost
+
+    rejects: list[Reject] = []
+    items = read_inputs(a.input, _fields(a), rejects, a.hf_split)
+    est = estimate_cost(items, a.model, _fractions(a), a.prices,
+                        "online" if a.mode == "both" else a.mode, seed=a.seed,
+                        output_ratio=a.output_ratio, max_output_tokens=a.max_output_tokens)
+    errors = [_reject_line(r) for r in rejects]
+    shown = [est] + ([est.scaled(a.scale)] if a.scale else [])
+    if a.json:
+        print(json.dumps([e.to_dict() for e in shown] + [{"invalid_records": len(errors)}], indent=1))
+    else:
+        for e in shown:
+            print(e.format())
+            print()
+    for msg in errors[:20]:
+        print(f"invalid record: {msg}", file=sys.stderr)
+    if errors:
+        print(f"{len(errors)} invalid record(s) not counted", file=sys.stderr)
+        return 0 if a.allow_invalid else 1
+    return 0
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    """Submit / status / collect without running the whole preprocessing pipeline."""
+    import logging
+
+    import openai
+
+    from preprocess.extractors.llm.answers import request_key
+    from preprocess.extractors.llm.batch import BatchRunner
+    from preprocess.extractors.llm.client import LLMExtractor
+    from preprocess.extractors.llm.config import resolve_api_key
+
+    logging.basicConfig(level=logging.INFO)
+    opts = dict(o.split("=", 1) for o in a.option)
+    opts["mode"] = "batch"
+    x = LLMExtractor(**opts)
+    if x.cache is None:
+        print("cache_dir is required for batch mode", file=sys.stderr)
+        return 2
+    if a.action == "status":
+        for b in x.cache.batches():
+            print(f"{b.batch_id}\t{b.status}\t{b.n_requests}\t{'collected' if b.collected else 'open'}")
+        return 0
+    rejects: list[Reject] = []
+    fr = _fractions(a)
+    items = [it for it in read_inputs(a.input, _fields(a), rejects, a.hf_split)
+             if fraction_selected(it.key, fraction_for(fr, it.domain), a.seed)]
+    for r in rejects:
+        print(f"invalid record: {_reject_line(r)}", file=sys.stderr)
+    bodies = {request_key(b): b for b in (x.request_body(it) for it in items)}
+    cached = x.cache.get_many(bodies)
+    todo = {k: b for k, b in bodies.items() if k not in cached}
+    c = x.config
+    client = openai.OpenAI(api_key=resolve_api_key(c), base_url=c.base_url, timeout=c.timeout,
+                           max_retries=c.max_retries)
+    runner = BatchRunner(x, client, x.cache)
+    ids = runner.submit(todo)
+    print(f"{len(items)} selected, {len(cached)} cached, {len(todo)} in {len(ids)} batch(es): {ids}")
+    if a.action == "collect":
+        errs = runner.wait(ids, c.batch_max_wait)
+        print(f"collected; {len(errs)} request(s) failed (rerun 'submit' to retry them)")
+    client.close()
+    return 1 if rejects else 0
+
+
+COMMANDS = {"run": cmd_run, "verify": cmd_verify, "inspect": cmd_inspect, "stats": cmd_stats,
+            "cost": cmd_cost, "batch": cmd_batch}
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    return {"run": cmd_run, "verify": cmd_verify, "inspect": cmd_inspect, "stats": cmd_stats}[a.command](a)
+    return COMMANDS[a.command](a)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """The on-disk shard format: writer beside reader, field by field in the same order.
 
+Over 400 lines on purpose: the format is one definition (domain codes, flag bits, file layout,
+shard writer, ``index.json`` writer, reader), kept in one file so that a change to how a field is
+written sits next to how it is read.  Checking a folder lives in ``preprocess.shards_verify``.
+
 A preprocessed folder holds ``num_shards`` shards plus one ``index.json``::
 
     out/
@@ -22,11 +26,12 @@ The ``.idx`` file (all little-endian)::
     n_keybyte uint64
     token_offsets int64[n_samples + 1]   sample i = tokens[token_offsets[i]:token_offsets[i+1]]
     key_offsets   int64[n_samples + 1]   key i = keys[key_offsets[i]:key_offsets[i+1]].decode()
-    domains       uint8[n_samples]       preprocess.spans.Domain values
+    domains       uint8[n_samples]       ``Domain`` values (below)
 
 Why separate files instead of one blob: each array is memory-mapped with its own dtype and no
 alignment arithmetic, and each has its own sha256 in the manifest so ``verify`` names the damaged
-file.  Why a manifest per shard: it is renamed into place last, so its existence *is* the
+file (``preprocess.shards_verify``).  Why a manifest per shard: it is renamed into place last, so
+its existence *is* the
 completion marker that makes reruns skip finished shards, independent of any executor's logs.
 
 Readers never load a whole shard: ``ShardedDataset`` memory-maps the arrays lazily (also after
@@ -39,8 +44,9 @@ import hashlib
 import json
 import os
 import struct
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -58,8 +64,32 @@ FLAG_INFO_DENSE = 2  # overlaps an information-dense span of the response
 FLAG_SELECTED = 4  # the sample was in the extracted fraction (set on every token of such a sample)
 KNOWN_FLAGS = FLAG_SUPERVISED | FLAG_INFO_DENSE | FLAG_SELECTED
 
+
+class Domain(IntEnum):
+    """Stored as one uint8 per sample in the shards; values are part of the on-disk format."""
+
+    OTHER = 0
+    CODE = 1
+    MATH = 2
+
+    @classmethod
+    def parse(cls, value: str | int | Domain) -> Domain:
+        if isinstance(value, Domain):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[str(value).strip().upper()]
+        except KeyError:
+            raise ValueError(f"unknown domain {value!r}; expected one of "
+                             f"{[d.name.lower() for d in cls]}") from None
+
 _HEADER = struct.Struct("<8sIB3xQQQ")
 TMP_SUFFIX = ".tmp"
+
+
+class ConfigMismatchError(RuntimeError):
+    """The output folder already holds shards made with a different configuration."""
 
 
 class DType(IntEnum):
@@ -361,6 +391,94 @@ def shard_is_complete(folder: Path | str, name: str) -> bool:
 # ----------------------------------------------------------------------------------------------- reader
 
 
+@dataclass
+class DomainCounts:
+    """Deterministic per-domain counters of one shard (summed by the merge step)."""
+
+    samples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    dense_tokens: int = 0
+    selected_samples: int = 0
+    selected_supervised_tokens: int = 0
+    selected_dense_tokens: int = 0
+    selected_ratio_sum: float = 0.0  # sum over selected samples of dense/supervised (paper's rho)
+
+    def add(self, other: dict[str, Any]) -> None:
+        for k, v in other.items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+def missing_shards(folder: Path | str, num_shards: int) -> list[str]:
+    """Names of the shards of ``folder`` whose manifest is not (yet) in place."""
+    names = [shard_name(k) for k in range(num_shards)]
+    return [n for n in names if not shard_is_complete(folder, n)]
+
+
+def write_index(folder: Path | str, num_shards: int, config: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate the shard manifests into ``index.json`` (deterministic; sorted keys).
+
+    ``config`` is recorded as the settings that decided the output (``PreprocessConfig.output_settings``).
+    """
+    folder = Path(folder)
+    missing = missing_shards(folder, num_shards)
+    if missing:
+        raise RuntimeError(f"cannot write {INDEX_FILE}: {len(missing)} shard(s) incomplete: {missing[:8]}")
+    manifests = [read_manifest(folder, shard_name(k)) for k in range(num_shards)]
+    fps = {m["config_fingerprint"] for m in manifests}  # type: ignore[index]
+    if len(fps) != 1:
+        raise ConfigMismatchError(f"shards in {folder} come from {len(fps)} different configurations")
+    domains: dict[str, DomainCounts] = {}
+    rejects: Counter[str] = Counter()
+    status: Counter[str] = Counter()
+    alignment: Counter[str] = Counter()
+    unmatched = 0
+    for m in manifests:
+        st = m["stats"]  # type: ignore[index]
+        for name, counts in st["domains"].items():
+            domains.setdefault(name, DomainCounts()).add(counts)
+        rejects.update(st["rejects"])
+        status.update(st["extract_status"])
+        alignment.update(st["alignment"])
+        unmatched += st["unmatched_spans"]
+    dom_out = {}
+    for name, c in sorted(domains.items()):
+        dom_out[name] = {
+            **asdict(c),
+            "rho": c.selected_ratio_sum / c.selected_samples if c.selected_samples else 0.0,
+            "rho_tokens": (c.selected_dense_tokens / c.selected_supervised_tokens
+                           if c.selected_supervised_tokens else 0.0),
+        }
+    first = manifests[0]
+    index = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "config_fingerprint": first["config_fingerprint"],  # type: ignore[index]
+        "config": config,
+        "num_shards": num_shards,
+        "num_samples": sum(m["num_samples"] for m in manifests),  # type: ignore[index]
+        "num_tokens": sum(m["num_tokens"] for m in manifests),  # type: ignore[index]
+        "num_rejects": sum(m["num_rejects"] for m in manifests),  # type: ignore[index]
+        "token_dtype": first["token_dtype"],  # type: ignore[index]
+        "vocab_size": first["vocab_size"],  # type: ignore[index]
+        "tokenizer": first["tokenizer"],  # type: ignore[index]
+        "extractor": first["extractor"],  # type: ignore[index]
+        "flags": {"SUPERVISED": FLAG_SUPERVISED, "INFO_DENSE": FLAG_INFO_DENSE, "SELECTED": FLAG_SELECTED},
+        "domains": dom_out,
+        "rho": {name: d["rho"] for name, d in dom_out.items()},
+        "rejects": dict(sorted(rejects.items())),
+        "extract_status": dict(sorted(status.items())),
+        "alignment": dict(sorted(alignment.items())),
+        "unmatched_spans": unmatched,
+        "shards": [{"name": shard_name(k), "num_samples": m["num_samples"], "num_tokens": m["num_tokens"],  # type: ignore[index]
+                    "manifest_sha256": sha256_file(folder / manifest_name(shard_name(k)))}
+                   for k, m in enumerate(manifests)],
+    }
+    assert smallest_token_dtype(index["vocab_size"]).name.lower() == index["token_dtype"]
+    write_json_atomic(folder / INDEX_FILE, index)
+    return index
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One training sample: ``tokens`` and ``flags`` are read-only views into the memory maps."""
@@ -524,159 +642,3 @@ class ShardedDataset:
         """Domain of every sample (uint8), for domain-aware sampling."""
         parts = [np.asarray(self.shard(k).domains) for k in range(len(self.shard_names))]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
-
-
-# ----------------------------------------------------------------------------------------------- verify
-
-
-def _verify_shard(folder: Path, name: str, manifest: dict[str, Any], vocab_size: int | None,
-                  deep: bool) -> list[str]:
-    problems: list[str] = []
-    for role, info in manifest.get("files", {}).items():
-        p = folder / info["name"]
-        if not p.is_file():
-            problems.append(f"{name}: {role} file {info['name']} missing")
-            continue
-        if p.stat().st_size != info["bytes"]:
-            problems.append(f"{name}: {info['name']} has {p.stat().st_size} bytes, "
-                            f"manifest says {info['bytes']}")
-        elif deep and sha256_file(p) != info["sha256"]:
-            problems.append(f"{name}: {info['name']} sha256 mismatch (file changed or corrupted)")
-    if problems:
-        return problems
-    try:
-        r = ShardReader(folder, name)
-    except (ValueError, OSError) as e:
-        return [f"{name}: cannot open: {e}"]
-    if r.num_samples != manifest.get("num_samples") or r.num_tokens != manifest.get("num_tokens"):
-        problems.append(f"{name}: idx header says {r.num_samples} samples/{r.num_tokens} tokens, manifest "
-                        f"{manifest.get('num_samples')}/{manifest.get('num_tokens')}")
-    expected_idx = _index_size(r.num_samples)
-    if (folder / shard_files(name)["idx"]).stat().st_size != expected_idx:
-        return problems + [f"{name}: idx size does not match its header (expected {expected_idx} bytes)"]
-    itemsize = r.dtype.numpy().itemsize
-    if (folder / shard_files(name)["tokens"]).stat().st_size != r.num_tokens * itemsize:
-        problems.append(f"{name}: tokens file size != {r.num_tokens} x {itemsize} bytes")
-    if (folder / shard_files(name)["flags"]).stat().st_size != r.num_tokens:
-        problems.append(f"{name}: flags file size != {r.num_tokens} bytes")
-    if problems:
-        return problems
-    for field, offs, total in (("token_offsets", r.token_offsets, r.num_tokens),
-                               ("key_offsets", r.key_offsets, r.num_key_bytes)):
-        if len(offs) and (offs[0] != 0 or offs[-1] != total):
-            problems.append(f"{name}: {field} must run from 0 to {total}, got {offs[0]}..{offs[-1]}")
-        d = np.diff(offs)
-        bad = np.flatnonzero(d <= 0) if field == "token_offsets" else np.flatnonzero(d < 0)
-        if len(bad):
-            problems.append(f"{name}: {field} not increasing at samples {bad[:10].tolist()}"
-                            f"{' ...' if len(bad) > 10 else ''} ({len(bad)} in all)")
-    bad_dom = np.flatnonzero(r.domains > 2)
-    if len(bad_dom):
-        problems.append(f"{name}: unknown domain codes at samples {bad_dom[:10].tolist()}")
-    if not deep or problems:
-        return problems
-    # Token-level checks, in blocks so memory stays bounded on huge shards.
-    block = 1 << 24
-    for a in range(0, r.num_tokens, block):
-        t = np.asarray(r.tokens[a:a + block])
-        f = np.asarray(r.flags[a:a + block])
-        if vocab_size is not None and len(t) and int(t.max()) >= vocab_size:
-            pos = a + int(np.flatnonzero(t >= vocab_size)[0])
-            problems.append(f"{name}: token id {int(r.tokens[pos])} >= vocab_size {vocab_size} "
-                            f"at token {pos}")
-        unknown = np.flatnonzero(f & ~np.uint8(KNOWN_FLAGS))
-        if len(unknown):
-            problems.append(f"{name}: unknown flag bits at token {a + int(unknown[0])} "
-                            f"({len(unknown)} tokens)")
-        dense_unsup = np.flatnonzero((f & FLAG_INFO_DENSE) & ~((f & FLAG_SUPERVISED) << 1))
-        if len(dense_unsup):
-            problems.append(f"{name}: INFO_DENSE without SUPERVISED at token {a + int(dense_unsup[0])} "
-                            f"({len(dense_unsup)} tokens)")
-    # Per-sample: the last token (EOS) is supervised; SELECTED is constant inside a sample.
-    if r.num_samples:
-        ends = np.asarray(r.token_offsets[1:]) - 1
-        last = np.asarray(r.flags[ends])
-        nosup = np.flatnonzero((last & FLAG_SUPERVISED) == 0)
-        if len(nosup):
-            problems.append(f"{name}: samples {nosup[:10].tolist()} do not end with a supervised token")
-        # SELECTED may only change value where a sample starts (checked block-wise: bounded memory).
-        starts = np.asarray(r.token_offsets[:-1])
-        mixed: list[int] = []
-        for a in range(0, r.num_tokens, block):
-            lo = max(a - 1, 0)
-            sel = (np.asarray(r.flags[lo:a + block]) & FLAG_SELECTED) != 0
-            changes = np.flatnonzero(sel[1:] != sel[:-1]) + lo + 1
-            bad = changes[~np.isin(changes, starts)]
-            mixed += (np.searchsorted(starts, bad, side="right") - 1).tolist()
-            if len(mixed) >= 10:
-                break
-        if mixed:
-            problems.append(f"{name}: SELECTED bit not uniform inside samples {sorted(set(mixed))[:10]}")
-        try:
-            bytes(r.keys).decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(f"{name}: keys file is not valid UTF-8 ({e})")
-    return problems
-
-
-def verify(path: Path | str, deep: bool = True) -> list[str]:
-    """Re-check a preprocessed folder; return every problem found (empty list = healthy).
-
-    Checks: index.json present and consistent with the manifests, every shard's files present with
-    the manifest's sizes and sha256 (``deep``), header magic/version, offsets monotone and
-    covering the files exactly, token ids < vocab_size, only known flag bits, INFO_DENSE only on
-    SUPERVISED tokens, every sample ending with a supervised token, leftover temporary files.
-    """
-    folder = Path(path)
-    problems: list[str] = []
-    if not folder.is_dir():
-        return [f"{folder}: not a directory"]
-    index: dict[str, Any] | None = None
-    index_path = folder / INDEX_FILE
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            problems.append(f"{INDEX_FILE}: not valid JSON ({e})")
-    else:
-        problems.append(f"{INDEX_FILE} missing (pipeline not finished or merge step not run)")
-    for p in sorted(folder.glob(f"*{TMP_SUFFIX}*")):
-        problems.append(f"{p.name}: leftover temporary file of an interrupted write")
-    if index is not None:
-        names = [s["name"] for s in index.get("shards", [])]
-        vocab_size = index.get("vocab_size")
-        on_disk = {p.name[: -len(".json")] for p in folder.glob("shard_*.json")}
-        for extra in sorted(on_disk - set(names)):
-            problems.append(f"{extra}: shard on disk but not listed in {INDEX_FILE}")
-    else:
-        names = sorted(p.name[: -len(".json")] for p in folder.glob("shard_*.json"))
-        vocab_size = None
-    total_samples = total_tokens = 0
-    for k, name in enumerate(names):
-        manifest_path = folder / manifest_name(name)
-        try:
-            manifest = read_manifest(folder, name)
-        except json.JSONDecodeError as e:
-            problems.append(f"{manifest_path.name}: not valid JSON ({e})")
-            continue
-        if manifest is None:
-            problems.append(f"{name}: manifest {manifest_path.name} missing (shard not finished)")
-            continue
-        if index is not None:
-            entry = index["shards"][k]
-            if entry.get("manifest_sha256") and entry["manifest_sha256"] != sha256_file(manifest_path):
-                problems.append(f"{name}: manifest changed since index.json was written")
-            if entry.get("num_samples") != manifest.get("num_samples"):
-                problems.append(f"{name}: index.json says {entry.get('num_samples')} samples, manifest "
-                                f"{manifest.get('num_samples')}")
-        total_samples += int(manifest.get("num_samples", 0))
-        total_tokens += int(manifest.get("num_tokens", 0))
-        problems += _verify_shard(folder, name, manifest, vocab_size, deep)
-    if index is not None:
-        if index.get("num_samples") != total_samples:
-            problems.append(f"{INDEX_FILE}: num_samples {index.get('num_samples')} != "
-                            f"sum over shards {total_samples}")
-        if index.get("num_tokens") != total_tokens:
-            problems.append(f"{INDEX_FILE}: num_tokens {index.get('num_tokens')} != "
-                            f"sum over shards {total_tokens}")
-    return problems

@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from preprocess.cost import load_encoding
+from preprocess.extractors.llm.cost import load_encoding
 
 _ANSWER = re.compile(r"<answer>\n(.*)\n</answer>", re.S)
 _MATH = re.compile(r"<<[^>]*>>|#### *\S+")

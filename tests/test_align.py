@@ -21,7 +21,7 @@ from preprocess.align import (
     mark_overlaps,
 )
 from preprocess.assets import TOKENIZER_DIR
-from preprocess.spans import Span, validate_spans
+from preprocess.extractors.base import Span, validate_spans
 
 CORPUS = ["naïve café → 東京 and the naïve Zürich coder wrote ⭢ if x > 0: return y",
           "déjà vu über straße 😀 emoji, total = 3 * 4 = 12",

@@ -12,20 +12,27 @@ from pathlib import Path
 
 import pytest
 
-from preprocess import cost
 from preprocess.assets import SAMPLE_PATH
-from preprocess.cost import (
+from preprocess.cli import main
+from preprocess.extractors.base import (
+    ExtractInput,
+    fraction_for,
+    fraction_selected,
+    parse_fractions,
+    read_inputs,
+)
+from preprocess.extractors.llm import cost
+from preprocess.extractors.llm.cost import (
     CostEstimate,
     DomainTally,
     encoding_name_for_model,
     estimate_cost,
     load_encoding,
-    main,
-    parse_fractions,
     parse_prices,
-    read_jsonl,
 )
-from preprocess.spans import Domain, ExtractInput, fraction_selected, get_extractor
+from preprocess.extractors.registry import get_extractor
+from preprocess.records import FieldMap
+from preprocess.shards import Domain
 
 try:
     from tests.openai_stub_server import StubOpenAI
@@ -45,9 +52,9 @@ socket.getaddrinfo = _refuse
 
 
 def _items() -> list[ExtractInput]:
-    errors: list[str] = []
-    items = list(read_jsonl(SAMPLE_PATH, errors))
-    assert not errors
+    rejects: list = []
+    items = list(read_inputs([SAMPLE_PATH], FieldMap(), rejects))
+    assert not rejects
     return items
 
 
@@ -142,7 +149,8 @@ def test_parsers_reject_bad_values():
     assert parse_prices("2.5,10") == (2.5, 10.0) == parse_prices({"input": 2.5, "output": 10})
     with pytest.raises(ValueError, match="prices"):
         parse_prices("cheap")
-    assert parse_fractions("code=0.1")[Domain.CODE] == 0.1 and parse_fractions(None)[Domain.MATH] == 1.0
+    assert parse_fractions("code=0.1") == {"code": 0.1}
+    assert fraction_for(parse_fractions(None), Domain.MATH) == 1.0
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         parse_fractions({"math": 1.5})
     with pytest.raises(ValueError, match="unknown domain"):
@@ -167,23 +175,23 @@ def test_cli_reports_bad_records_with_location(tmp_path, capsys):
     no_response = json.dumps({"id": "x", "domain": "math", "prompt": "p"})
     bad_domain = json.dumps({"id": "y", "domain": "poetry", "prompt": "p", "response": "r"})
     p.write_text("\n".join([good, "{not json", no_response, bad_domain]) + "\n")
-    assert main(["--input", str(p), "--json"]) == 1
+    assert main(["cost", "--input", str(p), "--json"]) == 1
     out, err = capsys.readouterr()
-    assert f"{p}:2: invalid JSON" in err and f"{p}:3: field 'response'" in err
-    assert f"{p}:4: field 'domain'" in err
+    assert "in.jsonl:2: malformed_json" in err and "in.jsonl:3: missing_field field 'response'" in err
+    assert "in.jsonl:4: unknown_domain field 'domain'" in err
     data = json.loads(out)
     assert data[0]["selected"] == 1 and data[-1] == {"invalid_records": 3}
-    assert main(["--input", str(p), "--allow-invalid", "--scale", "math=1000"]) == 0
+    assert main(["cost", "--input", str(p), "--allow-invalid", "--scale", "math=1000"]) == 0
     out, _ = capsys.readouterr()
     assert "cost online" in out and "1000" in out
 
 
 def test_cli_as_module_offline(tmp_path):
-    """`python -m preprocess.cost` in a fresh process with the network disabled."""
+    """`dm-preprocess cost` in a fresh process with the network disabled."""
     code = _NO_NET + ("import runpy, sys\n"
-                      "sys.argv = ['x', '--input', sys.argv[1],"
+                      "sys.argv = ['x', 'cost', '--input', sys.argv[1],"
                       " '--fraction', 'code=0.1', '--fraction', 'math=0.5']\n"
-                      "runpy.run_module('preprocess.cost', run_name='__main__')\n")
+                      "runpy.run_module('preprocess.cli', run_name='__main__')\n")
     out = subprocess.run([sys.executable, "-c", code, str(SAMPLE_PATH)], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr

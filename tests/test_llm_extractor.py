@@ -1,4 +1,8 @@
-"""LLM extractor end to end through the real ``openai`` client against a local stub server."""
+"""LLM extractor end to end through the real ``openai`` client against a local stub server.
+
+Over 400 lines: one scenario per behaviour of a long-running API client (retries, rate limits,
+cache, batch, secrets), each needing its own stub-server setup; splitting would scatter the shared fixtures.
+"""
 
 from __future__ import annotations
 
@@ -18,19 +22,15 @@ from pathlib import Path
 import pytest
 
 from preprocess.assets import SAMPLE_PATH
-from preprocess.llm_batch import chunk_requests
-from preprocess.llm_cache import AnswerCache, CachedAnswer
-from preprocess.llm_extractor import (
-    LLMConfigError,
-    LLMExtractor,
-    interpret_answer,
-    locate_spans,
-    redact,
-    request_key,
-    retry_after_seconds,
-)
-from preprocess.prompts import PROMPT_VERSION, system_prompt
-from preprocess.spans import Domain, ExtractInput, Span, get_extractor
+from preprocess.extractors.base import ExtractInput, Span
+from preprocess.extractors.llm.answers import interpret_answer, locate_spans, request_key
+from preprocess.extractors.llm.batch import chunk_requests
+from preprocess.extractors.llm.cache import AnswerCache, CachedAnswer
+from preprocess.extractors.llm.client import LLMExtractor, retry_after_seconds
+from preprocess.extractors.llm.config import LLMConfigError, redact
+from preprocess.extractors.llm.prompts import PROMPT_VERSION, system_prompt
+from preprocess.extractors.registry import get_extractor
+from preprocess.shards import Domain
 
 try:
     from tests.openai_stub_server import StubOpenAI
@@ -384,7 +384,7 @@ def test_cache_shared_by_processes(tmp_path):
 
 def test_cache_survives_kill(tmp_path):
     code = ("import sys; sys.path.insert(0, sys.argv[2]);"
-            "from preprocess.llm_cache import AnswerCache, CachedAnswer\n"
+            "from preprocess.extractors.llm.cache import AnswerCache, CachedAnswer\n"
             "c = AnswerCache(sys.argv[1]); i = 0\n"
             "while True:\n"
             "    c.put_many([(f'k{i}-{j}', CachedAnswer('x' * 2000, None, 'stop')) for j in range(50)],"
@@ -412,8 +412,8 @@ def test_request_key_depends_on_every_request_field():
 
 
 def test_batch_cli_submit_status_collect_then_online_run_is_free(tmp_path, capsys):
-    from preprocess import llm_batch
-    from preprocess.spans import fraction_selected
+    from preprocess.cli import main
+    from preprocess.extractors.base import fraction_selected
 
     items = _items(6, 6)
     p = tmp_path / "in.jsonl"
@@ -423,11 +423,11 @@ def test_batch_cli_submit_status_collect_then_online_run_is_free(tmp_path, capsy
         opts = ["--option", f"base_url={s.base_url}", "--option", f"cache_dir={tmp_path / 'cache'}",
                 "--option", "batch_poll_interval=0.01"]
         sel = ["--input", str(p), "--fraction", "code=0.5"]
-        assert llm_batch.main(["submit", *sel, *opts]) == 0
+        assert main(["batch", "submit", *sel, *opts]) == 0
         assert s.counts["batches_created"] == 1
-        assert llm_batch.main(["status", *opts]) == 0
+        assert main(["batch", "status", *opts]) == 0
         assert "\topen" in capsys.readouterr().out
-        assert llm_batch.main(["collect", *sel, *opts]) == 0
+        assert main(["batch", "collect", *sel, *opts]) == 0
         assert s.counts["batches_created"] == 1  # collect polled the submitted batch
         chosen = [it for it in items if it.domain == Domain.MATH or fraction_selected(it.key, 0.5)]
         x = _x(s, tmp_path)

@@ -1,4 +1,7 @@
-"""End-to-end preprocessing: flags semantics, determinism, resume after kill -9, rejects, fractions."""
+"""End-to-end preprocessing: flags semantics, determinism, resume after kill -9, rejects, fractions.
+
+Over 400 lines: each end-to-end property needs its own run of the real pipeline on real records.
+"""
 
 from __future__ import annotations
 
@@ -17,30 +20,27 @@ import pytest
 from transformers import AutoTokenizer
 
 from preprocess.assets import SAMPLE_PATH, TOKENIZER_DIR
-from preprocess.pipeline import (
-    CRASH_ENV,
-    ConfigMismatchError,
-    PreprocessConfig,
-    RejectError,
-    build_slurm_executor,
-    parse_fractions,
-    run_pipeline,
-)
+from preprocess.extractors.base import ExtractInput, ExtractResult, Span, fraction_selected, parse_fractions
+from preprocess.extractors.registry import EXTRACTORS
+from preprocess.pipeline.config import PreprocessConfig, RejectError
+from preprocess.pipeline.driver import build_slurm_executor, run_pipeline
+from preprocess.pipeline.shard import CRASH_ENV
+from preprocess.records import FieldMap
 from preprocess.shards import (
     FLAG_INFO_DENSE,
     FLAG_SELECTED,
     FLAG_SUPERVISED,
     INDEX_FILE,
+    ConfigMismatchError,
+    Domain,
     ShardedDataset,
     shard_files,
-    verify,
 )
-from preprocess.spans import Domain, ExtractInput, ExtractResult, Span, fraction_selected, register_extractor
+from preprocess.shards_verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@register_extractor("test-digits")
 class DigitsExtractor:
     """Marks every run of digits: easy to check against the decoded tokens."""
 
@@ -56,7 +56,6 @@ class DigitsExtractor:
                 for it in items]
 
 
-@register_extractor("test-broken")
 class BrokenExtractor:
     """Returns a span outside the response for every sample (an extractor bug)."""
 
@@ -68,6 +67,9 @@ class BrokenExtractor:
 
     def extract_batch(self, items: Sequence[ExtractInput]) -> list[ExtractResult]:
         return [ExtractResult(spans=[Span(0, len(it.response) + 5)], status="partial") for it in items]
+
+
+EXTRACTORS.update({"test-digits": DigitsExtractor, "test-broken": BrokenExtractor})
 
 
 def _subset(tmp_path: Path, n: int = 90, every: int = 33) -> tuple[Path, dict[str, dict]]:
@@ -272,7 +274,8 @@ def test_messages_input_uses_chat_template(tmp_path: Path, tok):
             {"role": "assistant", "content": "5"}]
     inp = tmp_path / "chat.jsonl"
     inp.write_text(json.dumps({"id": "c1", "conv": msgs}) + "\n")
-    out = run_pipeline(_cfg(inp, tmp_path / "out", num_shards=1, messages_field="conv", domain="math"))
+    fields = FieldMap(messages="conv", domain="math")
+    out = run_pipeline(_cfg(inp, tmp_path / "out", num_shards=1, fields=fields))
     s = ShardedDataset(out)[0]
     n_prompt = int(np.argmax(s.supervised))
     assert tok.decode(s.tokens[:n_prompt]) == tok.apply_chat_template(msgs[:2], add_generation_prompt=True,
@@ -305,8 +308,8 @@ def test_credentials_in_extractor_options_are_not_recorded():
 
 
 def test_checked_spans_matches_validate_spans():
-    from preprocess.pipeline import _checked_spans
-    from preprocess.spans import SpanError, validate_spans
+    from preprocess.extractors.base import SpanError, validate_spans
+    from preprocess.pipeline.shard import _checked_spans
 
     text = "0123456789abcdef"
     cases = [[], [Span(0, 2), Span(3, 5)], [Span(3, 5), Span(0, 2)], [Span(0, 3), Span(3, 5)],

@@ -93,7 +93,7 @@ def test_flags_map_onto_config():
     assert cfg.fractions == {"code": 0.1} and cfg.max_length == 1024 and cfg.num_shards == 64
     assert cfg.slurm.partition == "cpu" and cfg.slurm.cpus_per_task == 4
     assert cfg.slurm.sbatch_args == {"account": "proj"}
-    assert cfg.prompt_field == "question" and cfg.domain == "math" and cfg.id_field is None
+    assert cfg.fields.prompt == "question" and cfg.fields.domain == "math" and cfg.fields.id_field is None
     assert not cfg.use_chat_template
     with pytest.raises(Exception, match="key=value"):
         _kv("novalue")

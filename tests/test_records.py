@@ -26,7 +26,7 @@ from preprocess.records import (
     iter_records,
     shard_plan,
 )
-from preprocess.spans import Domain
+from preprocess.shards import Domain
 
 GOOD = [{"id": f"r{i}", "domain": ["math", "code"][i % 2], "prompt": f"q{i} é", "response": f"a{i} 東"}
         for i in range(10)]

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from preprocess.assets import SAMPLE_PATH, TOKENIZER_DIR
-from preprocess.rules import RULES_VERSION, RuleExtractor
-from preprocess.spans import Domain, ExtractInput, Extractor, get_extractor, validate_spans
+from preprocess.extractors.base import ExtractInput, Extractor, validate_spans
+from preprocess.extractors.registry import get_extractor
+from preprocess.extractors.rules.extractor import RULES_VERSION, RuleExtractor
+from preprocess.shards import Domain
 
 
 def test_registered_names_and_protocol():
@@ -120,7 +122,7 @@ def test_sample_all_ok_and_contract_holds(sample_results):
 def test_token_level_rho_on_sample_is_in_the_documented_range(sample_results):
     """rho = info-dense share of supervised tokens (response + EOS), mean per sample (paper §3.2).
 
-    Figures in docs/readme/extractors_rules.md: code 0.34, math 0.25 on this sample; the guard is
+    Figures in docs/extractors.md: code 0.34, math 0.25 on this sample; the guard is
     the 0.2-0.4 band the rules are designed for (paper, GPT-4o: 0.25 / 0.31)."""
     from transformers import AutoTokenizer
 
@@ -181,9 +183,9 @@ def test_rule_options_one_definition_per_option() -> None:
     """RuleOptions is the code and math option sets plus its own dispatch option, in version order."""
     from dataclasses import fields
 
-    from preprocess.rules import RuleOptions
-    from preprocess.rules_code import CodeRuleOptions
-    from preprocess.rules_math import MathRuleOptions
+    from preprocess.extractors.rules.code import CodeRuleOptions
+    from preprocess.extractors.rules.extractor import RuleOptions
+    from preprocess.extractors.rules.math import MathRuleOptions
 
     names = [f.name for f in fields(RuleOptions)]
     assert names == [f.name for f in fields(CodeRuleOptions)] + [f.name for f in fields(MathRuleOptions)] \

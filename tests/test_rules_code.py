@@ -1,10 +1,11 @@
-"""Code rules (preprocess.rules_code via the ``rules`` extractor): hand-checked spans on real records."""
+"""Code rules (extractors.rules.code via the ``rules`` extractor): hand-checked spans on real records."""
 
 from __future__ import annotations
 
-from preprocess.rules import RuleExtractor, find_fences
-from preprocess.rules_code import CodeRuleOptions, LineIndex, code_spans
-from preprocess.spans import Domain, ExtractInput
+from preprocess.extractors.base import ExtractInput
+from preprocess.extractors.rules.code import CodeRuleOptions, LineIndex, code_spans
+from preprocess.extractors.rules.extractor import RuleExtractor, find_fences
+from preprocess.shards import Domain
 
 
 def run(text: str, domain: Domain = Domain.CODE, **options: bool):

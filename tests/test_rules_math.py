@@ -1,11 +1,12 @@
-"""Math rules (preprocess.rules_math via the ``rules`` extractor): hand-checked spans on real records."""
+"""Math rules (extractors.rules.math via the ``rules`` extractor): hand-checked spans on real records."""
 
 from __future__ import annotations
 
 import pytest
 
-from preprocess.rules import RuleExtractor
-from preprocess.spans import Domain, ExtractInput
+from preprocess.extractors.base import ExtractInput
+from preprocess.extractors.rules.extractor import RuleExtractor
+from preprocess.shards import Domain
 
 
 def marked(text: str, domain: Domain = Domain.MATH, **options: bool) -> list[tuple[str, str]]:

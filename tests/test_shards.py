@@ -26,8 +26,8 @@ from preprocess.shards import (
     shard_files,
     shard_is_complete,
     smallest_token_dtype,
-    verify,
 )
+from preprocess.shards_verify import verify
 
 
 def _random_samples(rng: np.random.Generator, n: int, vocab: int) -> list[tuple]:

@@ -5,6 +5,8 @@ The cluster has two slurmd nodes on this machine (named after the host and 'loca
 gets a real 2-node allocation (SLURM_NODEID 0/1, nodelist 'localhost,<host>'); where the host name does
 not resolve it falls back to one node running both tasks. The daemons come from `.ci/slurm_setup.sh`;
 without root or the packages every test here is skipped with the reason (see tests/slurm_cluster.py).
+
+Over 400 lines: each scenario drives real daemons through a multi-step job life cycle.
 """
 
 from __future__ import annotations

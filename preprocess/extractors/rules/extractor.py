@@ -2,7 +2,7 @@
 
 The paper annotates with GPT-4o and names AST-based hard rules as future work (§2.1); this is
 that default, so the built-in demo and CI run with no API.  Which constructs are marked is
-documented in :mod:`preprocess.rules_code` and :mod:`preprocess.rules_math`.
+documented in :mod:`preprocess.extractors.rules.code` and :mod:`preprocess.extractors.rules.math`.
 
 Dispatch by ``item.domain``:
 
@@ -28,9 +28,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from preprocess.rules_code import CodeRuleOptions, code_spans
-from preprocess.rules_math import MathRuleOptions, RawSpan, math_span_tuples
-from preprocess.spans import Domain, ExtractInput, ExtractResult, Span, SpanError, register_extractor
+from preprocess.extractors.base import ExtractInput, ExtractResult, Span, SpanError
+from preprocess.extractors.rules.code import CodeRuleOptions, code_spans
+from preprocess.extractors.rules.math import MathRuleOptions, RawSpan, math_span_tuples
+from preprocess.shards import Domain
 
 RULES_VERSION = "1.0.0"
 
@@ -50,9 +51,10 @@ class RuleOptions(MathRuleOptions, CodeRuleOptions):
 
     One definition per option: the code options (``conditions``, ``loops``, ``returns``,
     ``comparisons``, ``assignments``, ``return_definitions``) come from
-    :class:`~preprocess.rules_code.CodeRuleOptions` and the math ones (``equations``,
+    :class:`~preprocess.extractors.rules.code.CodeRuleOptions` and the math ones (``equations``,
     ``calc_annotations``, ``final_answer``, ``latex``, ``inline_dollar``) from
-    :class:`~preprocess.rules_math.MathRuleOptions`, in that order (the order of ``tag()`` and hence
+    :class:`~preprocess.extractors.rules.math.MathRuleOptions`, in that order (the order of ``tag()``
+    and hence
     of the ``version`` string); only the dispatch option below is the extractor's own.  An instance
     *is* both option sets, so it is passed to the code and math rules as it is.
     """
@@ -165,7 +167,6 @@ def _as_bool(name: str, value: object) -> object:
     return value
 
 
-@register_extractor("rules")
 class RuleExtractor:
     """Code and math rules dispatched by domain (see the module docstring)."""
 
@@ -227,7 +228,6 @@ class RuleExtractor:
         return ExtractResult(spans=_finish(spans, text), status=status)
 
 
-@register_extractor("rules-code")
 class RuleCodeExtractor(RuleExtractor):
     """Code rules on every sample (a response with no fence is bare code)."""
 
@@ -235,7 +235,6 @@ class RuleCodeExtractor(RuleExtractor):
     force_domain = Domain.CODE
 
 
-@register_extractor("rules-math")
 class RuleMathExtractor(RuleExtractor):
     """Math rules on every sample outside fences, code rules inside them."""
 

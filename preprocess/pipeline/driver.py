@@ -14,14 +14,13 @@ Design (why it is deterministic and resumable):
 
 Usage::
 
-    from preprocess.pipeline import PreprocessConfig, run_pipeline
+    from preprocess.pipeline import PreprocessConfig, run_pipeline  # the package exports these two
     out = run_pipeline(PreprocessConfig(inputs=[SAMPLE_PATH], output_dir="data/pp", extractor="rules"))
 
-Modules: :mod:`preprocess.pipeline_config` (the config dataclass, fingerprint, errors),
-:mod:`preprocess.pipeline_shard` (the per-batch tokenize + extract + align + write of one shard),
-:mod:`preprocess.pipeline_steps` (datatrove steps, the merge into ``index.json``) and this driver
-(locking, resume checks, local/SLURM executors).  The public names of all of them are importable
-from here.
+Modules: :mod:`preprocess.pipeline.config` (the config dataclass, fingerprint, errors),
+:mod:`preprocess.pipeline.shard` (the per-batch tokenize + extract + align + write of one shard),
+:mod:`preprocess.pipeline.steps` (datatrove steps, the merge into ``index.json``) and this driver
+(locking, resume checks, local/SLURM executors).
 """
 
 from __future__ import annotations
@@ -36,33 +35,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from preprocess.pipeline_config import (
-    ConfigMismatchError,
+from preprocess.extractors.registry import get_extractor
+from preprocess.pipeline.config import (
     PreprocessConfig,
-    RejectError,
-    SlurmOptions,
     output_fingerprint,
-    parse_fractions,
 )
-from preprocess.pipeline_shard import CRASH_ENV, DomainCounts, ShardJob, _checked_spans, load_tokenizer
-from preprocess.pipeline_steps import (
+from preprocess.pipeline.shard import load_tokenizer
+from preprocess.pipeline.steps import (
     ShardStep,
     _MergeStep,
-    missing_shards,
-    process_shard,
-    read_timings,
-    write_index,
 )
 from preprocess.records import expand_inputs
-from preprocess.shards import INDEX_FILE, manifest_name, shard_files, shard_is_complete, shard_name
-from preprocess.spans import get_extractor
-
-__all__ = [
-    "CRASH_ENV", "ConfigMismatchError", "DomainCounts", "PreprocessConfig", "RejectError", "ShardJob",
-    "ShardStep", "SlurmOptions", "_checked_spans", "build_slurm_executor", "is_complete", "load_tokenizer",
-    "missing_shards", "output_fingerprint", "parse_fractions", "process_shard", "read_timings",
-    "run_pipeline", "write_index",
-]
+from preprocess.shards import (
+    INDEX_FILE,
+    ConfigMismatchError,
+    manifest_name,
+    missing_shards,
+    shard_files,
+    shard_is_complete,
+    shard_name,
+    write_index,
+)
 
 
 def _current_fingerprint(cfg: PreprocessConfig) -> str:
@@ -109,7 +102,8 @@ def is_complete(cfg: PreprocessConfig, fingerprint: str | None = None) -> bool:
     except json.JSONDecodeError:
         return False  # a damaged index is rewritten by the merge step
     fingerprint = fingerprint or _current_fingerprint(cfg)
-    return index.get("config_fingerprint") == fingerprint and not missing_shards(cfg)
+    complete = not missing_shards(cfg.output_dir, cfg.num_shards)
+    return index.get("config_fingerprint") == fingerprint and complete
 
 
 def _reset_stale_markers(cfg: PreprocessConfig) -> None:
@@ -171,7 +165,7 @@ def _run_locked(cfg: PreprocessConfig, fingerprint: str) -> Path:
             _preload_in_forkserver()
         LocalPipelineExecutor(pipeline=[step], tasks=cfg.num_shards, workers=workers,
                               logging_dir=str(cfg.logging_dir / "shards")).run()
-        write_index(cfg)
+        write_index(cfg.output_dir, cfg.num_shards, cfg.output_settings())
         return folder
     # Shards may be rebuilt: the old index and the merge job's completion marker are stale.
     (folder / INDEX_FILE).unlink(missing_ok=True)
@@ -188,8 +182,7 @@ def _preload_in_forkserver() -> None:
     """
     import multiprocess
 
-    modules = ["preprocess.pipeline", "preprocess.pipeline_shard", "preprocess.rules",
-               "preprocess.llm_extractor", "preprocess.none_extractor"]
+    modules = ["preprocess.pipeline", "preprocess.pipeline.shard", "preprocess.extractors.registry"]
     multiprocess.set_forkserver_preload(modules)
 
 

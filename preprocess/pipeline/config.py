@@ -15,17 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from preprocess.assets import TOKENIZER_DIR
+from preprocess.extractors.base import parse_fractions
 from preprocess.records import FieldMap, Source
-from preprocess.shards import FORMAT_NAME, FORMAT_VERSION
-from preprocess.spans import Domain
+from preprocess.shards import FORMAT_NAME, FORMAT_VERSION, Domain
 
 
 class RejectError(RuntimeError):
     """Raised in ``strict`` mode at the first rejected record, naming its file, line and reason."""
-
-
-class ConfigMismatchError(RuntimeError):
-    """The output folder already holds shards made with a different configuration."""
 
 
 @dataclass(kw_only=True)
@@ -72,7 +68,8 @@ class PreprocessConfig:
     """Registered extractor name (``rules``, ``llm``, ``none``)."""
     extractor_options: dict[str, Any] = field(default_factory=dict)
     fractions: dict[str, float] = field(default_factory=dict)
-    """Extracted share per domain name (``code``/``math``/``other``); missing domains use 1.0."""
+    """Extracted share per domain name (``code``/``math``/``other``), as ``parse_fractions`` returns it;
+    missing domains use 1.0."""
     seed: int = 0
     """Seed of the hash-based fraction selection."""
     max_length: int = 2048
@@ -87,13 +84,8 @@ class PreprocessConfig:
     """Fail at the first rejected record instead of listing it in the rejects report."""
     use_chat_template: bool = True
     """Wrap the prompt as a user turn with the tokenizer's chat template (add_generation_prompt)."""
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str | None = None
-    domain_field: str | None = "domain"
-    domain: str | None = None
-    """Domain for every record (overrides ``domain_field``)."""
-    id_field: str | None = "id"
+    fields: FieldMap = field(default_factory=FieldMap)
+    """Where prompt, response (or chat messages), domain and id live in an input record."""
     hf_split: str = "train"
     """Split used when an input is a saved ``DatasetDict``."""
     batch_size: int = 512
@@ -119,22 +111,14 @@ class PreprocessConfig:
             self.slurm = SlurmOptions(**self.slurm)
         if self.executor == "slurm" and not self.slurm.partition:
             raise ValueError("slurm.partition is required with executor='slurm'")
-        if isinstance(self.fractions, str):
+        try:
             self.fractions = parse_fractions(self.fractions)
-        for name, frac in self.fractions.items():
-            Domain.parse(name)
-            if not 0.0 <= float(frac) <= 1.0:
-                raise ValueError(f"fractions[{name!r}] = {frac} outside [0, 1]")
-        if self.domain is not None:
-            Domain.parse(self.domain)
-
-    @property
-    def fields(self) -> FieldMap:
-        return FieldMap(prompt=self.prompt_field, response=self.response_field, messages=self.messages_field,
-                        domain_field=self.domain_field, domain=self.domain, id_field=self.id_field)
-
-    def fraction_for(self, domain: Domain) -> float:
-        return float({Domain.parse(k): v for k, v in self.fractions.items()}.get(domain, 1.0))
+        except ValueError as e:
+            raise ValueError(f"fractions: {e}") from None
+        if isinstance(self.fields, dict):
+            self.fields = FieldMap(**self.fields)
+        if self.fields.domain is not None:
+            Domain.parse(self.fields.domain)
 
     @property
     def logging_dir(self) -> Path:
@@ -148,7 +132,7 @@ class PreprocessConfig:
             "extractor": self.extractor,
             "extractor_options": {k: ("<redacted>" if _SECRET.search(k) else v)
                                   for k, v in sorted(self.extractor_options.items())},
-            "fractions": {Domain.parse(k).name.lower(): float(v) for k, v in sorted(self.fractions.items())},
+            "fractions": dict(sorted(self.fractions.items())),
             "seed": self.seed,
             "max_length": self.max_length,
             "num_shards": self.num_shards,
@@ -160,17 +144,6 @@ class PreprocessConfig:
 
 # Extractor options that look like credentials never reach index.json or manifests.
 _SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
-
-
-def parse_fractions(text: str) -> dict[str, float]:
-    """``"code=0.1,math=0.5"`` -> ``{"code": 0.1, "math": 0.5}`` with clear errors."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"--fraction item {part!r}: expected domain=value")
-        out[Domain.parse(name).name.lower()] = float(value)
-    return out
 
 
 def _source_identity(src: Source) -> list[Any]:

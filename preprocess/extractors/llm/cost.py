@@ -1,7 +1,8 @@
 """Cost estimate for the LLM extractor before spending anything (``--dry-run``).
 
 Input tokens are counted exactly as the extractor will send them: the same messages
-(``preprocess.prompts.build_messages``) tokenised with the model's ``tiktoken`` encoding, plus the
+(``preprocess.extractors.llm.prompts.build_messages``) tokenised with the model's ``tiktoken``
+encoding, plus the
 chat-format framing (3 tokens per message, 3 to prime the reply, as in OpenAI's token-counting
 guide) and the JSON schema of the structured output (how the server charges the schema is not
 published; counting its JSON text is our stated approximation).  Output tokens cannot be known in
@@ -11,34 +12,32 @@ rho_math ~ 0.31 of the answer) plus the JSON framing per span; override with ``o
 tiktoken normally downloads its rank files on first use; here they are loaded from
 ``preprocess/assets/tiktoken`` (sha256-verified) so the estimate works with no network.
 
-CLI::
+CLI (input read through ``preprocess.records``, like ``dm-preprocess run``)::
 
-    python -m preprocess.cost --input data.jsonl --model gpt-4o --fraction code=0.1 \
-        --fraction math=0.5 --mode both [--prices 2.5,10] [--scale code=436000,math=7473]
+    dm-preprocess cost --input data.jsonl --model gpt-4o --fraction code=0.1,math=0.5 --mode both \
+        [--prices 2.5,10] [--scale code=436000,math=7473]
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import gzip
 import hashlib
 import json
 import math
-import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cache, lru_cache
-from pathlib import Path
 from typing import Any
 
 import tiktoken
 
-from preprocess.pipeline_config import parse_fractions as parse_fraction_text
-from preprocess.prompts import PROMPT_VERSION, build_messages, response_format
-from preprocess.spans import Domain, ExtractInput, fraction_selected
+from preprocess.assets import ASSETS_DIR
+from preprocess.extractors.base import ExtractInput, fraction_for, fraction_selected, parse_fractions
+from preprocess.extractors.llm.prompts import PROMPT_VERSION, build_messages, response_format
+from preprocess.shards import Domain
 
-TIKTOKEN_DIR = Path(__file__).resolve().parent / "assets" / "tiktoken"
+TIKTOKEN_DIR = ASSETS_DIR / "tiktoken"
 
 # Values from tiktoken_ext/openai_public.py (tiktoken 0.14); a test checks that an encoding built
 # from these equals tiktoken's own, loaded offline through TIKTOKEN_CACHE_DIR.
@@ -157,7 +156,7 @@ def estimate_output_tokens(item: ExtractInput, enc: tiktoken.Encoding, *, output
 
 @cache
 def _span_overhead_tokens(enc_name: str, domain: Domain) -> int:
-    from preprocess.prompts import KINDS
+    from preprocess.extractors.llm.prompts import KINDS
 
     enc = load_encoding(enc_name)
     return len(enc.encode(json.dumps({"text": "", "kind": KINDS[domain][0], "occurrence": 1}) + ","))
@@ -191,24 +190,6 @@ def parse_prices(value: Any) -> tuple[float, float]:
     if pin < 0 or pout < 0:
         raise ValueError(f"prices={value!r}: negative price")
     return pin, pout
-
-
-def parse_fractions(value: Any) -> dict[Domain, float]:
-    """Accept {"code": 0.1, ...} / {Domain.CODE: 0.1} / "code=0.1,math=0.5"; missing domains = 1.0."""
-    out = {d: 1.0 for d in Domain}
-    if value is None or value == "":
-        return out
-    if isinstance(value, str):
-        try:  # the preprocessor's --fraction syntax, parsed by the preprocessor's own parser
-            value = parse_fraction_text(value)
-        except ValueError as e:
-            raise ValueError(f"fractions={value!r}: expected 'code=0.1,math=0.5' ({e})") from e
-    for k, v in dict(value).items():
-        f = float(v)
-        if not 0.0 <= f <= 1.0:
-            raise ValueError(f"fraction for {k!r} is {f}; expected a value in [0, 1]")
-        out[Domain.parse(k)] = f
-    return out
 
 
 # ---- the estimate ----------------------------------------------------------------------------
@@ -302,8 +283,9 @@ class CostEstimate:
         return "\n".join(lines)
 
 
-def estimate_cost(items: Iterable[ExtractInput], model: str = "gpt-4o", fractions: Any = None,
-                  prices: Any = None, mode: str = "online", *, seed: int = 0,
+def estimate_cost(items: Iterable[ExtractInput], model: str = "gpt-4o",
+                  fractions: str | Mapping[str, float] | None = None, prices: Any = None,
+                  mode: str = "online", *, seed: int = 0,
                   output_ratio: float | None = None, max_output_tokens: int | None = 4096,
                   preselected: bool = False) -> CostEstimate:
     """Count the tokens the extractor would send for ``items`` and price them.
@@ -320,7 +302,8 @@ def estimate_cost(items: Iterable[ExtractInput], model: str = "gpt-4o", fraction
     fr = parse_fractions(fractions)
     est = CostEstimate(model, enc_name, mode, PROMPT_VERSION, price[0] if price else None,
                        price[1] if price else None,
-                       fractions=None if preselected else {d.name.lower(): f for d, f in fr.items()})
+                       fractions=None if preselected else
+                       {d.name.lower(): fraction_for(fr, d) for d in Domain})
     if not exact:
         est.notes.append(f"model {model!r} has no known tiktoken encoding: counted with {enc_name} "
                          "(approximation)")
@@ -333,93 +316,10 @@ def estimate_cost(items: Iterable[ExtractInput], model: str = "gpt-4o", fraction
         name = it.domain.name.lower()
         t = est.per_domain.setdefault(name, DomainTally())
         t.items += 1
-        if not preselected and not fraction_selected(it.key, fr[it.domain], seed):
+        if not preselected and not fraction_selected(it.key, fraction_for(fr, it.domain), seed):
             continue
         t.selected += 1
         t.input_tokens += count_request_input_tokens(it, enc)
         t.output_tokens += estimate_output_tokens(it, enc, output_ratio=output_ratio,
                                                   max_output_tokens=max_output_tokens)
     return est
-
-
-# ---- input reading and CLI -----------------------------------------------------------------
-class RecordError(ValueError):
-    """A bad input record; the message names file, line and field."""
-
-
-def read_jsonl(path: str | Path, errors: list[str]) -> Iterator[ExtractInput]:
-    """Yield samples (fields id|key, prompt, response, domain); bad lines go to ``errors``."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield parse_record(json.loads(line), f"{path}:{lineno}")
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{lineno}: invalid JSON ({e.msg})")
-            except RecordError as e:
-                errors.append(str(e))
-
-
-def parse_record(rec: Any, where: str) -> ExtractInput:
-    if not isinstance(rec, dict):
-        raise RecordError(f"{where}: expected a JSON object")
-    key = rec.get("id", rec.get("key"))
-    if key is None:
-        raise RecordError(f"{where}: field 'id' (or 'key') missing")
-    for fld in ("prompt", "response"):
-        if not isinstance(rec.get(fld), str):
-            raise RecordError(f"{where}: field {fld!r} missing or not a string")
-    try:
-        domain = Domain.parse(rec.get("domain", "other"))
-    except ValueError as e:
-        raise RecordError(f"{where}: field 'domain': {e}") from None
-    return ExtractInput(str(key), rec["prompt"], rec["response"], domain)
-
-
-def _parse_counts(value: str) -> dict[str, int]:
-    try:
-        return {k.strip(): int(float(v)) for k, v in (p.split("=", 1) for p in value.split(",") if p.strip())}
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--scale {value!r}: expected 'code=436000,math=7473'") from e
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m preprocess.cost", description=__doc__.split("\n")[0])
-    ap.add_argument("--input", action="append", required=True, help="JSONL with id, prompt, response, domain")
-    ap.add_argument("--model", default="gpt-4o")
-    ap.add_argument("--fraction", action="append", default=[], help="DOMAIN=F, e.g. code=0.1 (repeatable)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of fraction_selected (as the pipeline)")
-    ap.add_argument("--mode", choices=["online", "batch", "both"], default="both")
-    ap.add_argument("--prices", default=None, help="IN,OUT USD per 1M tokens (online); overrides the table")
-    ap.add_argument("--output-ratio", type=float, default=None, help="dense share of the answer (model)")
-    ap.add_argument("--max-output-tokens", type=int, default=4096)
-    ap.add_argument("--scale", type=_parse_counts, default=None,
-                    help="project to a corpus of DOMAIN=N samples, e.g. code=436000,math=7473")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--allow-invalid", action="store_true", help="exit 0 even if some records are invalid")
-    args = ap.parse_args(argv)
-
-    errors: list[str] = []
-    items = (it for p in args.input for it in read_jsonl(p, errors))
-    est = estimate_cost(items, args.model, ",".join(args.fraction) or None, args.prices,
-                        "online" if args.mode == "both" else args.mode, seed=args.seed,
-                        output_ratio=args.output_ratio, max_output_tokens=args.max_output_tokens)
-    shown = [est] + ([est.scaled(args.scale)] if args.scale else [])
-    if args.json:
-        print(json.dumps([e.to_dict() for e in shown] + [{"invalid_records": len(errors)}], indent=1))
-    else:
-        for e in shown:
-            print(e.format())
-            print()
-    for msg in errors[:20]:
-        print(f"invalid record: {msg}", file=sys.stderr)
-    if errors:
-        print(f"{len(errors)} invalid record(s) not counted", file=sys.stderr)
-        return 0 if args.allow_invalid else 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

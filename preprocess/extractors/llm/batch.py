@@ -20,29 +20,35 @@ next run submits them again.
 
 CLI, for submitting without blocking and collecting later::
 
-    python -m preprocess.llm_batch submit  --input data.jsonl --fraction code=0.1 --fraction math=0.5
-    python -m preprocess.llm_batch status
-    python -m preprocess.llm_batch collect --input data.jsonl ...   # waits, fills the cache
+    dm-preprocess batch submit  --input data.jsonl --fraction code=0.1,math=0.5 --option cache_dir=c
+    dm-preprocess batch status  --option cache_dir=c
+    dm-preprocess batch collect --input data.jsonl ...   # waits, fills the cache
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
-import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import openai
 
-from preprocess.llm_cache import AnswerCache, CachedAnswer
-from preprocess.prompts import PROMPT_VERSION
+from preprocess.extractors.llm.answers import Failure, answer_from_completion_json
+from preprocess.extractors.llm.cache import AnswerCache, CachedAnswer
+from preprocess.extractors.llm.config import LLMConfig, redact, resolve_api_key
+from preprocess.extractors.llm.prompts import PROMPT_VERSION
 
-if TYPE_CHECKING:
-    from preprocess.llm_extractor import Failure, LLMExtractor
+
+class BatchOwner(Protocol):
+    """What the runner needs of the extractor it works for (``LLMExtractor`` has these)."""
+
+    config: LLMConfig
+    cache: AnswerCache | None
+    stats: Counter[str]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,6 @@ def chunk_requests(todo: Mapping[str, Mapping[str, Any]], max_requests: int,
 
 def parse_output_file(data: bytes, where: str) -> tuple[dict[str, CachedAnswer], dict[str, str]]:
     """Answers (HTTP 200 lines) and per-request errors of a Batch output or error file."""
-    from preprocess.llm_extractor import answer_from_completion_json
 
     answers: dict[str, CachedAnswer] = {}
     errors: dict[str, str] = {}
@@ -103,7 +108,7 @@ def parse_output_file(data: bytes, where: str) -> tuple[dict[str, CachedAnswer],
 class BatchRunner:
     """Submit, poll and collect batches for one extractor configuration."""
 
-    def __init__(self, extractor: LLMExtractor, client: Any, cache: AnswerCache):
+    def __init__(self, extractor: BatchOwner, client: Any, cache: AnswerCache):
         self.x = extractor
         self.cfg = extractor.config
         self.client = client
@@ -183,11 +188,9 @@ class BatchRunner:
         return errors
 
 
-def run_batches(extractor: LLMExtractor,
+def run_batches(extractor: BatchOwner,
                 todo: Mapping[str, Mapping[str, Any]]) -> dict[str, CachedAnswer | Failure]:
     """Batch-mode body of ``LLMExtractor.extract_batch``: submit/poll/collect, answers by key."""
-    from preprocess.llm_extractor import Failure, redact, resolve_api_key
-
     if extractor.cache is None:
         raise ValueError("mode=batch needs cache_dir: batch state and results live in the cache")
     api_key = resolve_api_key(extractor.config)
@@ -208,54 +211,3 @@ def run_batches(extractor: LLMExtractor,
         if k not in got:
             out[k] = Failure(errors.get(k, "batch: no result for this request"))
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Submit / status / collect without running the whole preprocessing pipeline."""
-    from preprocess.cost import parse_fractions, read_jsonl
-    from preprocess.llm_extractor import LLMExtractor, request_key, resolve_api_key
-    from preprocess.spans import fraction_selected
-
-    ap = argparse.ArgumentParser(prog="python -m preprocess.llm_batch")
-    ap.add_argument("action", choices=["submit", "status", "collect"])
-    ap.add_argument("--input", action="append", default=[])
-    ap.add_argument("--fraction", action="append", default=[], help="DOMAIN=F as in the pipeline")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--option", action="append", default=[],
-                    help="extractor option k=v (model, base_url ...)")
-    args = ap.parse_args(argv)
-    opts = dict(o.split("=", 1) for o in args.option)
-    opts["mode"] = "batch"
-    x = LLMExtractor(**opts)
-    if x.cache is None:
-        print("cache_dir is required for batch mode", file=sys.stderr)
-        return 2
-    if args.action == "status":
-        for b in x.cache.batches():
-            print(f"{b.batch_id}\t{b.status}\t{b.n_requests}\t{'collected' if b.collected else 'open'}")
-        return 0
-    errors: list[str] = []
-    fr = parse_fractions(",".join(args.fraction) or None)
-    items = [it for p in args.input for it in read_jsonl(p, errors)
-             if fraction_selected(it.key, fr[it.domain], args.seed)]
-    for e in errors:
-        print(f"invalid record: {e}", file=sys.stderr)
-    bodies = {request_key(b): b for b in (x.request_body(it) for it in items)}
-    cached = x.cache.get_many(bodies)
-    todo = {k: b for k, b in bodies.items() if k not in cached}
-    c = x.config
-    client = openai.OpenAI(api_key=resolve_api_key(c), base_url=c.base_url, timeout=c.timeout,
-                           max_retries=c.max_retries)
-    runner = BatchRunner(x, client, x.cache)
-    ids = runner.submit(todo)
-    print(f"{len(items)} selected, {len(cached)} cached, {len(todo)} in {len(ids)} batch(es): {ids}")
-    if args.action == "collect":
-        errs = runner.wait(ids, c.batch_max_wait)
-        print(f"collected; {len(errs)} request(s) failed (rerun 'submit' to retry them)")
-    client.close()
-    return 1 if errors else 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(main())

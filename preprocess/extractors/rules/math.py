@@ -28,7 +28,7 @@ import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
-from preprocess.spans import Span
+from preprocess.extractors.base import Span
 
 
 @dataclass(frozen=True)  # no slots: RuleOptions inherits from both option sets

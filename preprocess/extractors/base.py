@@ -6,41 +6,20 @@ core operations, key intermediate and final results).  Spans are half-open ``[st
 Python string indices into ``response`` (code points, not bytes), each with a ``kind`` label.
 The aligner (``preprocess.align``) turns them into the per-token indicator vector C.
 
-Extractors are plugged into the preprocessor by name through a small registry::
-
-    @register_extractor("rules")
-    class RuleExtractor: ...
-
-    extractor = get_extractor("rules", **options)
+Extractors are plugged into the preprocessor by name through the plain dict
+``preprocess.extractors.registry.EXTRACTORS``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-
-class Domain(IntEnum):
-    """Stored as one uint8 per sample in the shards; values are part of the on-disk format."""
-
-    OTHER = 0
-    CODE = 1
-    MATH = 2
-
-    @classmethod
-    def parse(cls, value: str | int | Domain) -> Domain:
-        if isinstance(value, Domain):
-            return value
-        if isinstance(value, int):
-            return cls(value)
-        try:
-            return cls[str(value).strip().upper()]
-        except KeyError:
-            raise ValueError(f"unknown domain {value!r}; expected one of "
-                             f"{[d.name.lower() for d in cls]}") from None
+from preprocess.records import FieldMap, Record, Reject, expand_inputs, iter_records
+from preprocess.shards import Domain
 
 
 class SpanError(ValueError):
@@ -64,6 +43,27 @@ class ExtractInput:
     prompt: str
     response: str
     domain: Domain
+
+
+def extract_input(record: Record) -> ExtractInput:
+    """What an extractor sees of an input record: the plain prompt (a chat's last user turn)."""
+    prompt = record.prompt
+    if prompt is None:
+        users = [m["content"] for m in (record.messages or []) if m["role"] == "user"]
+        prompt = users[-1] if users else ""
+    return ExtractInput(record.key, prompt, record.response, record.domain)
+
+
+def read_inputs(inputs: Sequence[str | Path], fields: FieldMap, rejects: list[Reject],
+                split: str | None = "train") -> Iterator[ExtractInput]:
+    """The records of ``inputs`` (read by ``preprocess.records``) as extractor inputs; every record
+    that is not a sample is appended to ``rejects`` (it names file, line, reason and field)."""
+    for src in expand_inputs(list(inputs), split):
+        for r in iter_records(src, fields):
+            if isinstance(r, Reject):
+                rejects.append(r)
+            else:
+                yield extract_input(r)
 
 
 @dataclass(slots=True)
@@ -125,30 +125,32 @@ def fraction_selected(key: str, fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
-_REGISTRY: dict[str, Callable[..., Extractor]] = {}
+def parse_fractions(value: str | Mapping[str, float] | None) -> dict[str, float]:
+    """Extracted share per domain: ``"code=0.1,math=0.5"`` or a mapping -> ``{"code": 0.1, "math": 0.5}``.
+
+    Keys become canonical domain names; domains not given keep 1.0 (``fraction_for``).  Raises
+    ``ValueError`` naming the bad item (unknown domain, missing ``=``, value outside [0, 1]).
+    """
+    if not value:
+        return {}
+    if isinstance(value, str):
+        items = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            name, sep, number = part.partition("=")
+            if not sep:
+                raise ValueError(f"--fraction item {part!r}: expected domain=value")
+            items.append((name, number))
+    else:
+        items = list(value.items())
+    out: dict[str, float] = {}
+    for name, number in items:
+        f = float(number)
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"fraction for {name!r} is {f}; expected a value in [0, 1]")
+        out[Domain.parse(name).name.lower()] = f
+    return out
 
 
-def register_extractor(name: str) -> Callable[[Callable[..., Extractor]], Callable[..., Extractor]]:
-    """Class/factory decorator adding an extractor under ``name``."""
-
-    def deco(factory: Callable[..., Extractor]) -> Callable[..., Extractor]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def get_extractor(name: str, **options) -> Extractor:
-    """Build a registered extractor; importing the built-in modules registers them."""
-    _import_builtin_extractors()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown extractor {name!r}; available: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**options)
-
-
-def _import_builtin_extractors() -> None:
-    """Importing a built-in extractor module registers it; done lazily so that importing
-    ``preprocess.spans`` stays cheap (the LLM extractor pulls in ``openai``)."""
-    import preprocess.llm_extractor  # noqa: F401
-    import preprocess.none_extractor  # noqa: F401
-    import preprocess.rules  # noqa: F401
+def fraction_for(fractions: Mapping[str, float], domain: Domain) -> float:
+    """The extracted share of ``domain`` in parsed ``fractions`` (1.0 when not given)."""
+    return float(fractions.get(domain.name.lower(), 1.0))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from preprocess.spans import ExtractInput, ExtractResult, register_extractor
+from preprocess.extractors.base import ExtractInput, ExtractResult
 
 
-@register_extractor("none")
 class NoneExtractor:
     name = "none"
     version = "1"

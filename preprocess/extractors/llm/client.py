@@ -1,6 +1,6 @@
 """The paper's LLM span extractor (§2.1) through the OpenAI API or any OpenAI-compatible server.
 
-One request per sample: the instruction and answer go in (``preprocess.prompts``), verbatim
+One request per sample: the instruction and answer go in (``preprocess.extractors.llm.prompts``), verbatim
 substrings of the answer come back through strict structured output, and we locate them in the
 answer ourselves (exact match first, then whitespace-insensitive; never guessed: spans that are not
 found are counted in ``ExtractResult.unmatched``).
@@ -11,10 +11,11 @@ What makes it usable on hundreds of thousands of samples:
   retry loop (the client's is switched off so every retry is counted) with exponential backoff
   that honours ``Retry-After``/``retry-after-ms`` on 429, 5xx, timeouts and connection errors;
   a 429 pauses *all* senders until its Retry-After has passed, instead of each task hammering;
-- a persistent SQLite/WAL cache (``preprocess.llm_cache``) keyed by a hash of the exact request,
+- a persistent SQLite/WAL cache (``preprocess.extractors.llm.cache``) keyed by a hash of the exact request,
   so reruns, crashes and parallel workers never pay twice;
-- the Batch API (``mode="batch"``, ``preprocess.llm_batch``), half price, resumable;
-- a dry run (``dry_run=True``) that only counts tokens and dollars (``preprocess.cost``), skipping
+- the Batch API (``mode="batch"``, ``preprocess.extractors.llm.batch``), half price, resumable;
+- a dry run (``dry_run=True``) that only counts tokens and dollars
+  (``preprocess.extractors.llm.cost``), skipping
   samples already in the cache.
 
 The API key is read from the environment variable named by ``api_key_env`` at request time and
@@ -26,230 +27,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
-import hashlib
-import json
 import logging
-import os
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import openai
 
-from preprocess.llm_cache import AnswerCache, CachedAnswer
-from preprocess.prompts import KINDS, PROMPT_VERSION, build_request_body
-from preprocess.spans import ExtractInput, ExtractResult, Span, register_extractor, validate_spans
+from preprocess.extractors.base import ExtractInput, ExtractResult
+from preprocess.extractors.llm.answers import (
+    STATUS_DRY_RUN,
+    STATUS_FAILED,
+    Failure,
+    answer_from_completion,
+    interpret_answer,
+    request_key,
+)
+from preprocess.extractors.llm.cache import AnswerCache, CachedAnswer
+from preprocess.extractors.llm.config import LLMConfig, LLMConfigError, redact, resolve_api_key
+from preprocess.extractors.llm.prompts import PROMPT_VERSION, build_request_body
 
 log = logging.getLogger(__name__)
 
-STATUS_OK = "ok"
-STATUS_REFUSED = "llm_refused"
-STATUS_MALFORMED = "llm_malformed"
-STATUS_FAILED = "llm_failed"
-STATUS_DRY_RUN = "llm_dry_run"
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-_KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*.]{3,}")
-
-
-class LLMConfigError(RuntimeError):
-    """A problem no retry can fix (bad key, unknown model, missing key variable): stop the run."""
-
-
-@dataclass(kw_only=True, slots=True)
-class LLMConfig:
-    """Options of the ``llm`` extractor; strings (from ``--extractor-option k=v``) are converted."""
-
-    model: str = "gpt-4o"
-    """Chat model name; part of the cache key and of ``version``."""
-    base_url: str | None = None
-    """OpenAI-compatible endpoint (e.g. ``http://host:8000/v1``); None = api.openai.com."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """Name of the environment variable holding the key (the key itself is never an option)."""
-    mode: str = "online"
-    """'online' (concurrent chat requests) or 'batch' (OpenAI Batch API, half price, ≤ 24 h)."""
-    max_concurrency: int = 16
-    """Requests in flight at once; raise it to your rate limit (RPM x latency / 60)."""
-    max_retries: int = 6
-    """Retries per request after 429/5xx/timeouts/connection errors (not counting the first try)."""
-    timeout: float = 120.0
-    """Seconds per HTTP request before it counts as a (retryable) timeout."""
-    backoff_base: float = 1.0
-    """First backoff in seconds, doubled each retry, with jitter, when there is no Retry-After."""
-    backoff_max: float = 60.0
-    """Upper bound on one wait, also applied to a server's Retry-After."""
-    cache_dir: str | None = "cache/llm"
-    """Folder of the SQLite answer cache; '' or 'none' disables caching (not recommended)."""
-    temperature: float = 0.0
-    max_output_tokens: int = 4096
-    seed: int | None = None
-    """Sent as ``seed`` when set (best-effort determinism on OpenAI)."""
-    prices: str | None = None
-    """'IN,OUT' USD per 1M tokens for the dry-run estimate; default from ``preprocess.cost.PRICES``."""
-    dry_run: bool = False
-    """Only estimate tokens and cost (for the samples not cached yet); make no request."""
-    batch_poll_interval: float = 30.0
-    batch_max_wait: float | None = None
-    """Seconds to wait for batches before raising (rerun resumes polling); None = up to 24 h."""
-    batch_max_requests: int = 50_000
-    batch_max_bytes: int = 200 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, str) or f.type == "str":
-                continue
-            if f.type == "str | None":
-                setattr(self, f.name, None if v.strip().lower() in ("", "none", "null") else v)
-            elif v.strip().lower() in ("none", "null", ""):
-                setattr(self, f.name, None)
-            elif f.type == "bool":
-                if v.strip().lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(f"llm extractor option {f.name}={v!r}: expected true/false")
-                setattr(self, f.name, v.strip().lower() in ("1", "true", "yes"))
-            else:
-                conv = int if "int" in f.type else float
-                try:
-                    setattr(self, f.name, conv(v))
-                except ValueError:
-                    raise ValueError(f"llm extractor option {f.name}={v!r}: "
-                                     f"expected {conv.__name__}") from None
-        if self.mode not in ("online", "batch"):
-            raise ValueError(f"llm extractor option mode={self.mode!r}: expected 'online' or 'batch'")
-        for name in ("max_concurrency", "max_output_tokens", "batch_max_requests", "batch_max_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"llm extractor option {name}={getattr(self, name)}: must be >= 1")
-        if self.max_retries < 0 or self.timeout <= 0:
-            raise ValueError("llm extractor options: max_retries must be >= 0 and timeout > 0")
-        if self.prices is not None:
-            from preprocess.cost import parse_prices
-
-            parse_prices(self.prices)  # fail at construction, not after hours of work
-        if self.cache_dir and self.cache_dir.lower() != "none":
-            # absolute, so worker processes started elsewhere share the same file
-            self.cache_dir = str(Path(self.cache_dir).expanduser().resolve())
-        if self.batch_max_requests > 50_000:
-            raise ValueError("batch_max_requests: the Batch API accepts at most 50,000 requests per file")
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A request that produced no answer after all retries (not cached: a rerun retries it)."""
-
-    reason: str
-
-
-def request_key(body: Mapping[str, Any]) -> str:
-    """Cache key / Batch ``custom_id``: sha256 of the canonical request body plus prompt version.
-
-    The body holds model, messages (prompt version's text, instruction, answer), schema and
-    sampling settings, so any change to them is a different key.
-    """
-    blob = json.dumps({"v": PROMPT_VERSION, "body": body}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-# ---- locating spans in the response ----------------------------------------------------------
-class _Haystack:
-    """The response plus a whitespace-free copy with a map back to original offsets."""
-
-    def __init__(self, text: str):
-        self.text = text
-        pos = [i for i, ch in enumerate(text) if not ch.isspace()]
-        self.squeezed = "".join(text[i] for i in pos)
-        self.pos = pos
-
-    def find_all(self, needle: str) -> list[tuple[int, int]]:
-        """Exact occurrences (overlapping allowed); if none, whitespace-insensitive ones."""
-        hits = _find_all(self.text, needle)
-        if hits:
-            return [(h, h + len(needle)) for h in hits]
-        sq = "".join(needle.split())
-        if not sq:
-            return []
-        return [(self.pos[h], self.pos[h + len(sq) - 1] + 1) for h in _find_all(self.squeezed, sq)]
-
-
-def _find_all(hay: str, needle: str) -> list[int]:
-    out, i = [], hay.find(needle)
-    while i >= 0 and needle:
-        out.append(i)
-        i = hay.find(needle, i + 1)
-    return out
-
-
-def locate_spans(response: str, proposed: Sequence[Mapping[str, Any]],
-                 allowed_kinds: Sequence[str] = ()) -> tuple[list[Span], int]:
-    """Turn the model's ``{"text", "kind", "occurrence"}`` items into spans; count the misses.
-
-    Occurrence policy: ``k >= 1`` takes the k-th match (exact matches are preferred to
-    whitespace-insensitive ones); ``0`` takes every match; a ``k`` beyond the number of matches, a
-    text not found, an empty text or an ill-typed item counts as unmatched: never guessed.
-    """
-    hay = _Haystack(response)
-    spans: list[Span] = []
-    unmatched = 0
-    for p in proposed:
-        text, occ = (p.get("text"), p.get("occurrence", 1)) if isinstance(p, Mapping) else (None, None)
-        if not isinstance(text, str) or not text.strip() or not isinstance(occ, int) or isinstance(occ, bool):
-            unmatched += 1
-            continue
-        kind = p.get("kind")
-        if not isinstance(kind, str) or (allowed_kinds and kind not in allowed_kinds):
-            kind = "dense"
-        hits = hay.find_all(text)
-        if occ == 0 and hits:
-            spans.extend(Span(s, e, kind) for s, e in hits)
-        elif 1 <= occ <= len(hits):
-            s, e = hits[occ - 1]
-            spans.append(Span(s, e, kind))
-        else:
-            unmatched += 1
-    return spans, unmatched
-
-
-def interpret_answer(answer: CachedAnswer, item: ExtractInput) -> ExtractResult:
-    """Map one API answer to spans and a status (refused / malformed / ok + unmatched)."""
-    if answer.refusal or answer.finish_reason == "content_filter":
-        return ExtractResult(status=STATUS_REFUSED)
-    if answer.finish_reason == "length":  # truncated JSON: never half-parse it
-        return ExtractResult(status=STATUS_MALFORMED)
-    try:
-        data = json.loads(answer.content or "")
-    except json.JSONDecodeError:
-        return ExtractResult(status=STATUS_MALFORMED)
-    if not isinstance(data, dict) or not isinstance(data.get("spans"), list):
-        return ExtractResult(status=STATUS_MALFORMED)
-    spans, unmatched = locate_spans(item.response, data["spans"], KINDS[item.domain])
-    return ExtractResult(spans=validate_spans(spans, item.response), status=STATUS_OK, unmatched=unmatched)
-
-
-# ---- secrets -----------------------------------------------------------------------------------
-def redact(text: str, secret: str | None) -> str:
-    """Remove the key (and anything key-shaped, e.g. a server's 'Incorrect API key: sk-ab***')."""
-    if secret:
-        text = text.replace(secret, "***")
-    return _KEYLIKE.sub("sk-***", text)
-
-
-def resolve_api_key(cfg: LLMConfig) -> str:
-    """The key from the environment; local servers without auth get a placeholder."""
-    key = os.environ.get(cfg.api_key_env, "")
-    if key:
-        return key
-    if cfg.base_url is None:
-        raise LLMConfigError(f"environment variable {cfg.api_key_env} is not set (needed for the OpenAI "
-                             "API); set it, or point base_url at an OpenAI-compatible server")
-    log.warning("environment variable %s is not set; sending a placeholder key to %s",
-                cfg.api_key_env, cfg.base_url)
-    return "no-key"
-
-
-# ---- retry timing ------------------------------------------------------------------------------
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     """Seconds from ``retry-after-ms``, ``retry-after`` (seconds or HTTP date); None if absent."""
     if not headers:
@@ -300,7 +103,6 @@ class _Shared:
     stats: Counter = field(default_factory=Counter)
 
 
-@register_extractor("llm")
 class LLMExtractor:
     """``get_extractor("llm", model=..., base_url=..., mode=..., ...)``; see ``LLMConfig``."""
 
@@ -313,7 +115,7 @@ class LLMExtractor:
         cd = c.cache_dir
         self.cache = AnswerCache(cd) if cd and cd.lower() != "none" else None
         self.stats: Counter = Counter()
-        self.dry_run_estimate: Any = None  # preprocess.cost.CostEstimate, summed over dry-run batches
+        self.dry_run_estimate: Any = None  # cost.CostEstimate, summed over dry-run batches
 
     def __repr__(self) -> str:  # no key in here, ever (it is not even stored)
         c = self.config
@@ -353,7 +155,7 @@ class LLMExtractor:
         answers: dict[str, CachedAnswer | Failure] = dict(cached)
         if todo:
             if self.config.mode == "batch":
-                from preprocess.llm_batch import run_batches
+                from preprocess.extractors.llm.batch import run_batches
 
                 answers.update(run_batches(self, todo))
             else:
@@ -372,7 +174,7 @@ class LLMExtractor:
     # -- dry run --
     def _dry_run(self, items: Sequence[ExtractInput], keys: Sequence[str],
                  cached: Mapping[str, CachedAnswer]) -> list[ExtractResult]:
-        from preprocess.cost import estimate_cost
+        from preprocess.extractors.llm.cost import estimate_cost
 
         c = self.config
         seen: set[str] = set()
@@ -470,7 +272,7 @@ class LLMExtractor:
                         shared.pause_until = max(shared.pause_until,
                                                  time.monotonic() + min(retry_after, c.backoff_max))
                 else:
-                    answer = _answer_from_completion(resp)
+                    answer = answer_from_completion(resp)
                     shared.stats["input_tokens"] += answer.input_tokens
                     shared.stats["output_tokens"] += answer.output_tokens
                     if self.cache is not None:
@@ -490,23 +292,5 @@ class LLMExtractor:
     def summary(self) -> dict[str, int]:
         """Counters so far: requests, retries, cache_hits, status_*, tokens, http_* ..."""
         return dict(self.stats)
-
-
-def _answer_from_completion(resp: Any) -> CachedAnswer:
-    """Pull content/refusal/finish reason/usage out of a ChatCompletion (or its JSON dict)."""
-    d = resp if isinstance(resp, dict) else resp.model_dump()
-    usage = d.get("usage") or {}
-    choices = d.get("choices") or []
-    if not choices or not isinstance(choices[0], dict):
-        return CachedAnswer(None, None, "no_choices", int(usage.get("prompt_tokens") or 0),
-                            int(usage.get("completion_tokens") or 0))
-    msg = choices[0].get("message") or {}
-    return CachedAnswer(msg.get("content"), msg.get("refusal"), choices[0].get("finish_reason"),
-                        int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-
-
-def answer_from_completion_json(body: Mapping[str, Any]) -> CachedAnswer:
-    """Same as for a client response, for the JSON bodies found in Batch API output files."""
-    return _answer_from_completion(dict(body))
 
 

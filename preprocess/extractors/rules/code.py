@@ -19,7 +19,7 @@ The paper's code hubs are *control-flow conditions* (the judgment of ``if``/``wh
 Keywords (``if``, ``return``), signatures, imports, docstrings and f-string contents are never marked.
 
 ``ast`` column offsets are UTF-8 *byte* offsets within a line; :class:`LineIndex` converts them
-to Python ``str`` indices (the span contract of :mod:`preprocess.spans`).  Code that does not
+to Python ``str`` indices (the span contract of :mod:`preprocess.extractors.base`).  Code that does not
 parse is handled by the longest parseable prefix plus a language-agnostic line regex for the rest
 (``if (...)``, ``while ...:``, ``return ...;``, ``x += ...``), reported as ``unparsable_code``.
 """
@@ -31,7 +31,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from preprocess.spans import Span
+from preprocess.extractors.base import Span
 
 # Python's tokenizer ends a line at \r\n, \r or \n (and nothing else: not \f, \v or U+2028 that
 # str.splitlines also splits on), so line numbers from ``ast`` count exactly these.

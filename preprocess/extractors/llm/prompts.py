@@ -4,7 +4,7 @@ The paper feeds the SFT instruction and the target answer to GPT-4o and asks for
 spans" under per-domain rules: control-flow conditions and algorithm pivots for code; core
 mathematical operations and key intermediate and final results for math.  We ask for *verbatim
 substrings* of the answer (never offsets: models cannot count characters) through structured
-output, and locate them ourselves (``preprocess.llm_extractor.locate_spans``).
+output, and locate them ourselves (``preprocess.extractors.llm.client.locate_spans``).
 
 ``PROMPT_VERSION`` is part of the cache key and of the extractor's ``version`` string: change it
 whenever a prompt or the schema changes, so cached answers and shard fingerprints of the old
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from preprocess.spans import Domain, ExtractInput
+from preprocess.extractors.base import ExtractInput
+from preprocess.shards import Domain
 
 PROMPT_VERSION = "dense-v1"
 
@@ -106,7 +107,7 @@ def user_prompt(item: ExtractInput) -> str:
 
 
 def build_messages(item: ExtractInput) -> list[dict[str, str]]:
-    """Chat messages for one sample; the estimator counts exactly these (``preprocess.cost``)."""
+    """Chat messages for one sample; the estimator counts exactly these (``llm.cost``)."""
     return [
         {"role": "system", "content": system_prompt(item.domain)},
         {"role": "user", "content": user_prompt(item)},

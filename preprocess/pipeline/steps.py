@@ -11,30 +11,20 @@ import gc
 import json
 import resource
 import time
-from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
 
 from preprocess.align import TokenizerSpec
-from preprocess.pipeline_config import ConfigMismatchError, PreprocessConfig
-from preprocess.pipeline_shard import DomainCounts, ShardJob, load_tokenizer
+from preprocess.pipeline.config import PreprocessConfig
+from preprocess.pipeline.shard import ShardJob, load_tokenizer
 from preprocess.shards import (
-    FLAG_INFO_DENSE,
-    FLAG_SELECTED,
-    FLAG_SUPERVISED,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX_FILE,
     clean_partial,
-    manifest_name,
     read_manifest,
-    sha256_file,
     shard_is_complete,
     shard_name,
-    smallest_token_dtype,
+    write_index,
     write_json_atomic,
 )
 
@@ -107,70 +97,4 @@ class _MergeStep:
         self.cfg = cfg
 
     def __call__(self, data: Any = None, rank: int = 0, world_size: int = 1) -> None:
-        write_index(self.cfg)
-
-
-def missing_shards(cfg: PreprocessConfig) -> list[str]:
-    names = [shard_name(k) for k in range(cfg.num_shards)]
-    return [n for n in names if not shard_is_complete(cfg.output_dir, n)]
-
-
-def write_index(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Aggregate the shard manifests into ``index.json`` (deterministic; sorted keys)."""
-    folder = Path(cfg.output_dir)
-    missing = missing_shards(cfg)
-    if missing:
-        raise RuntimeError(f"cannot write {INDEX_FILE}: {len(missing)} shard(s) incomplete: {missing[:8]}")
-    manifests = [read_manifest(folder, shard_name(k)) for k in range(cfg.num_shards)]
-    fps = {m["config_fingerprint"] for m in manifests}  # type: ignore[index]
-    if len(fps) != 1:
-        raise ConfigMismatchError(f"shards in {folder} come from {len(fps)} different configurations")
-    domains: dict[str, DomainCounts] = {}
-    rejects: Counter[str] = Counter()
-    status: Counter[str] = Counter()
-    alignment: Counter[str] = Counter()
-    unmatched = 0
-    for m in manifests:
-        st = m["stats"]  # type: ignore[index]
-        for name, counts in st["domains"].items():
-            domains.setdefault(name, DomainCounts()).add(counts)
-        rejects.update(st["rejects"])
-        status.update(st["extract_status"])
-        alignment.update(st["alignment"])
-        unmatched += st["unmatched_spans"]
-    dom_out = {}
-    for name, c in sorted(domains.items()):
-        dom_out[name] = {
-            **asdict(c),
-            "rho": c.selected_ratio_sum / c.selected_samples if c.selected_samples else 0.0,
-            "rho_tokens": (c.selected_dense_tokens / c.selected_supervised_tokens
-                           if c.selected_supervised_tokens else 0.0),
-        }
-    first = manifests[0]
-    index = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "config_fingerprint": first["config_fingerprint"],  # type: ignore[index]
-        "config": cfg.output_settings(),
-        "num_shards": cfg.num_shards,
-        "num_samples": sum(m["num_samples"] for m in manifests),  # type: ignore[index]
-        "num_tokens": sum(m["num_tokens"] for m in manifests),  # type: ignore[index]
-        "num_rejects": sum(m["num_rejects"] for m in manifests),  # type: ignore[index]
-        "token_dtype": first["token_dtype"],  # type: ignore[index]
-        "vocab_size": first["vocab_size"],  # type: ignore[index]
-        "tokenizer": first["tokenizer"],  # type: ignore[index]
-        "extractor": first["extractor"],  # type: ignore[index]
-        "flags": {"SUPERVISED": FLAG_SUPERVISED, "INFO_DENSE": FLAG_INFO_DENSE, "SELECTED": FLAG_SELECTED},
-        "domains": dom_out,
-        "rho": {name: d["rho"] for name, d in dom_out.items()},
-        "rejects": dict(sorted(rejects.items())),
-        "extract_status": dict(sorted(status.items())),
-        "alignment": dict(sorted(alignment.items())),
-        "unmatched_spans": unmatched,
-        "shards": [{"name": shard_name(k), "num_samples": m["num_samples"], "num_tokens": m["num_tokens"],  # type: ignore[index]
-                    "manifest_sha256": sha256_file(folder / manifest_name(shard_name(k)))}
-                   for k, m in enumerate(manifests)],
-    }
-    assert smallest_token_dtype(index["vocab_size"]).name.lower() == index["token_dtype"]
-    write_json_atomic(folder / INDEX_FILE, index)
-    return index
+        write_index(self.cfg.output_dir, self.cfg.num_shards, self.cfg.output_settings())

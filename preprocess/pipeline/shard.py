@@ -11,7 +11,7 @@ import functools
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,15 @@ from preprocess.align import (
     mark_overlaps,
     spans_to_arrays,
 )
-from preprocess.pipeline_config import PreprocessConfig, RejectError, output_fingerprint
+from preprocess.extractors.base import (
+    SpanError,
+    extract_input,
+    fraction_for,
+    fraction_selected,
+    validate_spans,
+)
+from preprocess.extractors.registry import get_extractor
+from preprocess.pipeline.config import PreprocessConfig, RejectError, output_fingerprint
 from preprocess.records import (
     INVALID_SPANS,
     TOO_LONG,
@@ -38,28 +46,16 @@ from preprocess.records import (
     iter_records,
     shard_plan,
 )
-from preprocess.shards import FLAG_INFO_DENSE, FLAG_SELECTED, FLAG_SUPERVISED, ShardWriter
-from preprocess.spans import Domain, ExtractInput, SpanError, fraction_selected, get_extractor, validate_spans
+from preprocess.shards import (
+    FLAG_INFO_DENSE,
+    FLAG_SELECTED,
+    FLAG_SUPERVISED,
+    Domain,
+    DomainCounts,
+    ShardWriter,
+)
 
 CRASH_ENV = "DM_PREPROCESS_CRASH_AFTER"  # test hook: "<shard>:<samples>" -> os._exit(137) mid-shard
-
-
-@dataclass
-class DomainCounts:
-    """Deterministic per-domain counters of one shard (summed by the merge step)."""
-
-    samples: int = 0
-    tokens: int = 0
-    supervised_tokens: int = 0
-    dense_tokens: int = 0
-    selected_samples: int = 0
-    selected_supervised_tokens: int = 0
-    selected_dense_tokens: int = 0
-    selected_ratio_sum: float = 0.0  # sum over selected samples of dense/supervised (paper's rho)
-
-    def add(self, other: dict[str, Any]) -> None:
-        for k, v in other.items():
-            setattr(self, k, getattr(self, k) + v)
 
 
 def _batched(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -91,7 +87,7 @@ class ShardJob:
         self.alignment: Counter[str] = Counter()
         self.unmatched_spans = 0
         self.read = ReadStats()
-        self.fractions = {d: cfg.fraction_for(d) for d in Domain}
+        self.fractions = {d: fraction_for(cfg.fractions, d) for d in Domain}
         bos = self.tok.bos_id
         # BOS only where no chat template is actually applied (asked for AND present); evaluation's
         # encode_prompts follows the same rule (tests/test_generate.py pins the parity).
@@ -222,7 +218,7 @@ class ShardJob:
         spans: list[list] = [[] for _ in recs]
         if not chosen:
             return spans
-        inputs = [ExtractInput(recs[i].key, _plain_prompt(recs[i]), recs[i].response, recs[i].domain)
+        inputs = [extract_input(recs[i])
                   for i in chosen]
         results = self.extractor.extract_batch(inputs)
         if len(results) != len(inputs):
@@ -329,10 +325,3 @@ def _checked_spans(spans: list, response: str) -> list:
             return validate_spans(spans, response)  # raises, or sorts and merges
         prev_end = s.end
     return list(spans)
-
-
-def _plain_prompt(r: Record) -> str:
-    if r.prompt is not None:
-        return r.prompt
-    users = [m["content"] for m in (r.messages or []) if m["role"] == "user"]
-    return users[-1] if users else ""

@@ -1,0 +1,30 @@
+"""The extractors the preprocessor knows by name (``PreprocessConfig.extractor``, ``--extractor``).
+
+A plain dict from name to factory; add an entry to plug in another extractor.  Importing this
+module imports every built-in extractor (the LLM one pulls in ``openai``); the interface alone is
+``preprocess.extractors.base``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from preprocess.extractors.base import Extractor
+from preprocess.extractors.llm.client import LLMExtractor
+from preprocess.extractors.none import NoneExtractor
+from preprocess.extractors.rules.extractor import RuleCodeExtractor, RuleExtractor, RuleMathExtractor
+
+EXTRACTORS: dict[str, Callable[..., Extractor]] = {
+    "rules": RuleExtractor,
+    "rules-code": RuleCodeExtractor,
+    "rules-math": RuleMathExtractor,
+    "llm": LLMExtractor,
+    "none": NoneExtractor,
+}
+
+
+def get_extractor(name: str, **options: object) -> Extractor:
+    """Build the extractor registered under ``name`` with ``options``."""
+    if name not in EXTRACTORS:
+        raise KeyError(f"unknown extractor {name!r}; available: {sorted(EXTRACTORS)}")
+    return EXTRACTORS[name](**options)

@@ -1,0 +1,1 @@
+"""Rule extractors: code (``code``), math (``math``) and the ``rules`` extractor combining them."""
