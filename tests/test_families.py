@@ -140,7 +140,7 @@ def test_zero3_train_resume_export_reload_decode(model_type, ranks, shards, tmp_
               "--metrics.progress", "false"]
     log = _train(ranks, *common, "--checkpoint.output_dir", str(out1), "--train.sample_prompts",
                  '["What is 2 + 3?"]', "--train.sample_max_new_tokens", "16")
-    assert f"({model_type}) | ZeRO-3 | {ranks} rank(s)" in log
+    assert f", {model_type}) | ZeRO-3 | {ranks} rank(s)" in log
     recs = read_metrics(out1 / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in recs)
 
