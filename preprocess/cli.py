@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_args(r)
     r.add_argument("--output", required=True, help="output folder")
     r.add_argument("--tokenizer", default=str(TOKENIZER_DIR), help="HF tokenizer name or folder")
-    r.add_argument("--extractor", default="rules", help="rules | llm | none (registered extractors)")
+    r.add_argument("--extractor", default="rules",
+                   help="rules | llm | confidence | none (registered extractors)")
     r.add_argument("--extractor-option", action="append", type=_kv, default=[], metavar="K=V",
                    help="extractor option (JSON value or string); repeatable")
     r.add_argument("--max-length", type=int, default=2048, help="reject samples with more tokens")

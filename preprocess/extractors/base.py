@@ -21,6 +21,10 @@ from typing import Protocol, runtime_checkable
 from preprocess.records import FieldMap, Record, Reject, expand_inputs, iter_records
 from preprocess.shards import Domain
 
+PAPER_RHO: dict[Domain, float] = {Domain.CODE: 0.25, Domain.MATH: 0.31}
+"""The paper's info-dense token share with GPT-4o spans (§3.2), per domain: the rules' calibration
+target and the default share of the ``confidence`` extractor."""
+
 
 class SpanError(ValueError):
     """A span that does not fit the response it claims to come from."""

@@ -11,8 +11,9 @@ Dispatch by ``item.domain``:
   for untagged fences that do not parse (console sessions, shell, pseudo-code);
 - ``Domain.CODE`` with no fence at all: the whole response is bare code; the prose around fences
   is explanation and stays unmarked unless ``code_prose_math=True``;
-- ``Domain.MATH`` and ``Domain.OTHER``: the math rules on everything outside fences (OTHER has no
-  rules of its own: a mixed answer is prose with formulas plus fenced code).
+- ``Domain.MATH`` and ``Domain.OTHER``: the math rules on everything outside fences and outside
+  ``[asy]...[/asy]`` drawing blocks (OTHER has no rules of its own: a mixed answer is prose with
+  formulas plus fenced code).
 
 ``status`` is ``"ok"``, ``"unparsable_code"`` (a Python-tagged fence or bare code did not parse; its
 spans come from the longest parseable prefix plus the line regex), ``"non_python_code"`` (a fence
@@ -33,7 +34,7 @@ from preprocess.extractors.rules.code import CodeRuleOptions, code_spans
 from preprocess.extractors.rules.math import MathRuleOptions, RawSpan, math_span_tuples
 from preprocess.shards import Domain
 
-RULES_VERSION = "1.0.0"
+RULES_VERSION = "2.0.0"
 
 PYTHON_LANGS = frozenset({"", "python", "py", "python3", "py3", "python2", "py2", "ipython", "sage"})
 
@@ -110,6 +111,16 @@ def find_fences(text: str) -> list[Block]:
         if c is None:
             return blocks
         pos = c.end()
+
+
+_ASY = re.compile(r"\[asy\](?P<body>.*?)(?:\[/asy\]|\Z)", re.S)
+
+
+def find_asy(text: str) -> list[Block]:
+    """Asymptote drawing blocks ``[asy]...[/asy]`` of competition math (MATH, AoPS): drawing code, not
+    math, so the math rules skip them (labels such as ``label("$x$", ...)`` included); an unclosed
+    block runs to the end of the text."""
+    return [Block(m.start("body"), m.end("body"), "asy") for m in _ASY.finditer(text)]
 
 
 def _finish(raw: list[RawSpan], text: str) -> list[Span]:
@@ -219,7 +230,10 @@ class RuleExtractor:
                     other_lang |= not python
         if domain != Domain.CODE or self.options.code_prose_math:
             pos = 0
-            for b in blocks:
+            skip = sorted(blocks + find_asy(text), key=lambda b: b.start) if "[asy]" in text else blocks
+            for b in skip:
+                if b.start < pos:
+                    continue  # an [asy] inside a fence, or the reverse: already skipped
                 # prose before this block (its opening fence line is glue, harmless to scan)
                 spans += math_span_tuples(text[pos:b.start], self._math, pos)
                 pos = b.end
