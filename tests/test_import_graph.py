@@ -25,7 +25,7 @@ PACKAGES = ("preprocess", "trainer", "evaluation", "launch")
 
 # Set to False once the trainer no longer imports evaluation/ or the preprocessing pipeline and
 # trainer/config.py <-> config_io.py no longer import each other.
-PENDING_TRAINER_SPLIT = True
+PENDING_TRAINER_SPLIT = False
 PENDING_REASON = ("trainer split pending: trainer imports evaluation and the preprocessing pipeline, "
                   "trainer.config <-> trainer.config_io")
 
