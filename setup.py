@@ -11,9 +11,12 @@ INSTALL_REQUIRES = [
     "torch>=2.5,<2.15",
     # ZeRO-3 / ZeRO-2 / offload training; the launcher `deepspeed` is the documented entry point.
     "deepspeed>=0.16",
-    # Model classes (LLaDA/LLaDA2/Dream via trust_remote_code, the tiny Llama-body default),
+    # The base of our model classes (LLaDA, LLaDA2, Dream, the tiny Llama-body default),
     # AutoTokenizer with offsets and chat templates.  5.x: 4-D masks pass through to SDPA/flex.
     "transformers>=5.0",
+    # transformers' HfDeepSpeedConfig needs it: ZeRO-3 loading partitions the weights as they load
+    # (deepspeed.zero.Init inside from_pretrained), so no rank ever holds the whole model.
+    "accelerate>=1.0",
     # Fast tokenizers: training the bundled tokenizer and batched encoding with offsets.
     "tokenizers>=0.21",
     # Reading HF datasets (local `save_to_disk` folders and data files) as preprocessor input.

@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.generate import generate  # noqa: E402
 from preprocess.assets import SAMPLE_PATH  # noqa: E402
+from trainer.generation import generate  # noqa: E402
+from trainer.masking import BLOCK_SIZE  # noqa: E402
 from trainer.modeling import load_model  # noqa: E402
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--gen-length", type=int, default=96)
-    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=BLOCK_SIZE)
     ap.add_argument("--steps-per-block", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cpu")
@@ -58,11 +59,11 @@ def main() -> None:
         t = time.perf_counter()
         outputs[label] = generate(model, bundle.tokenizer, prompts, mask_token_id=bundle.mask_token_id,
                                   eos_token_id=bundle.eos_token_id, gen_length=args.gen_length,
-                                  block_length=args.block_length, steps_per_block=args.steps_per_block,
+                                  block_size=args.block_size, steps_per_block=args.steps_per_block,
                                   batch_size=args.batch_size, on_step=count, **kw)
         batches = -(-len(prompts) // args.batch_size)
         rows.append((label, (time.perf_counter() - t) / len(prompts), calls / batches))
-    print(f"model={args.model} prompts={len(prompts)} gen_length={args.gen_length} block={args.block_length} "
+    print(f"model={args.model} prompts={len(prompts)} gen_length={args.gen_length} block={args.block_size} "
           f"steps/block={args.steps_per_block} batch={args.batch_size} device={args.device} "
           f"threads={torch.get_num_threads()}")
     print(f"{'variant':46s} {'s/sample':>9s} {'calls/batch':>13s} {'speed-up':>11s}")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from trainer.config import load_config  # noqa: E402
+from trainer.config_io import load_config  # noqa: E402
 from trainer.modeling import call_model  # noqa: E402
 from trainer.objective import make_training_batch  # noqa: E402
 
@@ -92,8 +92,14 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         quiet = ["--metrics.progress", "false", "--metrics.tensorboard", "false", "--metrics.jsonl", "false"]
         cfg = load_config(["--checkpoint.output_dir", tmp, "--checkpoint.resume", "never", *quiet, *rest])
+        import torch.distributed as dist
+
+        from launch.train import prepare_default_data
+        from trainer.components import init_distributed
         from trainer.loop import Trainer
 
+        init_distributed()
+        prepare_default_data(cfg, dist.get_rank())
         trainer = Trainer(cfg)
         try:
             trainer.engine.train()

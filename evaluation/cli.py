@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 from evaluation.benchmarks import BENCHMARKS, ORDER, DataError
-from evaluation.generate import REMASKING, DecodeConfig
 from evaluation.sandbox import SandboxLimits, SandboxUnavailable, sandbox_layers
+from trainer.families import LAYOUTS
+from trainer.generation import REMASKING, DecodeConfig
+from trainer.masking import BLOCK_SIZE
 
 
 def _benchmarks(text: str) -> tuple[str, ...]:
@@ -92,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--name", default="", help="row label in the table (default: model folder name)")
     _add_data_args(run)
     run.add_argument("--gen-length", type=int, default=512, help="max new tokens (paper: 512)")
-    run.add_argument("--block-length", type=int, default=32, help="block size; match training (paper: 32)")
+    run.add_argument("--block-size", type=int, default=BLOCK_SIZE,
+                     help=f"tokens per block; match training (default {BLOCK_SIZE}, as the paper)")
     run.add_argument("--steps-per-block", type=int, default=32, help="max model calls per block (paper: 32)")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper)")
     run.add_argument("--threshold", type=float, default=0.95,
@@ -101,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="threshold (LLaDA2, default) or low_confidence (LLaDA)")
     run.add_argument("--kv-cache", choices=["auto", "on", "off"], default="auto",
                      help="cache finished blocks' keys/values (same tokens, fewer FLOPs); auto = on where "
-                          "the model supports it (built-in default, transformers-native classes)")
+                          "the model's family and the layout allow it (not Dream; layout block only)")
+    run.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto",
+                     help="attention while decoding: block (block-causal) or full (whole canvas); auto = the "
+                          "run's objective.layout when known, else the family's default")
     run.add_argument("--no-chat-template", action="store_true", help="feed the bare prompt")
     run.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     run.add_argument("--seed", type=int, default=0, help="model init for 'tiny' and sampling noise")
@@ -137,13 +143,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evaluation.report import bar_chart, markdown_table
     from evaluation.runner import EvalConfig, run_evaluation, write_results
 
-    decode = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length,
+    decode = DecodeConfig(gen_length=args.gen_length, block_size=args.block_size,
                           steps_per_block=args.steps_per_block, temperature=args.temperature,
-                          threshold=args.threshold, remasking=args.remasking, kv_cache=args.kv_cache == "on")
+                          threshold=args.threshold, remasking=args.remasking, kv_cache=args.kv_cache == "on",
+                          layout="block" if args.layout == "auto" else args.layout)
     cfg = EvalConfig(model=args.model, name=args.name, benchmarks=args.benchmarks, paths=_paths(args),
                      limit=args.limit, decode=decode, batch_size=args.batch_size, seed=args.seed,
                      use_chat_template=not args.no_chat_template, sandbox=_limits(args), workers=args.workers,
-                     device=args.device, dtype=args.dtype, kv_cache_auto=args.kv_cache == "auto")
+                     device=args.device, dtype=args.dtype, kv_cache_auto=args.kv_cache == "auto",
+                     layout_auto=args.layout == "auto")
     stem = args.out / _slug(cfg.name)
     results = run_evaluation(cfg, log=lambda m: print(m, file=sys.stderr, flush=True),
                              on_benchmark=lambda r: write_results(r, stem.with_suffix(".json")))

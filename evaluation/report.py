@@ -77,7 +77,7 @@ def markdown_table(results: list[dict]) -> str:
         lines.append("Warning: rows were scored on different numbers of problems for: "
                      + ", ".join(BENCHMARKS[c].title for c in subset) + ".")
     if d:
-        lines.append(f"Decoding: gen length {d.get('gen_length')}, block {d.get('block_length')}, "
+        lines.append(f"Decoding: gen length {d.get('gen_length')}, block {d.get('block_size')}, "
                      f"{d.get('steps_per_block')} steps/block, temperature {d.get('temperature')}, "
                      f"remasking {d.get('remasking')} (threshold {d.get('threshold')}).")
     return "\n".join(lines) + "\n"

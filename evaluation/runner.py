@@ -23,8 +23,9 @@ import torch
 
 from evaluation import scoring
 from evaluation.benchmarks import BENCHMARKS, ORDER, Problem, load_benchmark, reference_completion
-from evaluation.generate import DecodeConfig, generate, supports_kv_cache
 from evaluation.sandbox import SandboxLimits, run_programs, sandbox_layers
+from trainer.families import LAYOUTS
+from trainer.generation import DecodeConfig, generate, supports_kv_cache
 
 RESULTS_FORMAT = "dm-eval-results/1"
 
@@ -52,7 +53,10 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str = "float32"
     kv_cache_auto: bool = False
-    """Use the KV cache when the loaded model supports it (overrides ``decode.kv_cache``)."""
+    """Use the KV cache when the loaded model and the layout support it (overrides ``decode.kv_cache``)."""
+    layout_auto: bool = False
+    """Decode with the layout the run was trained with (its config.yaml), else the family's default
+    (overrides ``decode.layout``)."""
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
@@ -71,7 +75,7 @@ class EvalConfig:
 
 
 def training_settings(model: str | Path) -> dict:
-    """Block size and prompt format a trainer export was trained with, or {} when unknown.
+    """Block size, layout and prompt format a trainer export was trained with, or {} when unknown.
 
     Why: a checkpoint decoded with another block size than it was trained with, or prompted
     with(out) the chat template when its data was built the other way, scores far below what it
@@ -95,6 +99,9 @@ def training_settings(model: str | Path) -> dict:
     block = (cfg.get("masking") or {}).get("block_size")
     if isinstance(block, int) and not isinstance(block, bool):
         out["block_size"] = block
+    layout = (cfg.get("objective") or {}).get("layout")
+    if layout in LAYOUTS:
+        out["layout"] = layout
     data_path = (cfg.get("data") or {}).get("path")
     if isinstance(data_path, str) and data_path:
         for base in (Path(data_path), path.parent / data_path):
@@ -109,12 +116,12 @@ def training_settings(model: str | Path) -> dict:
     return out
 
 
-def setting_mismatches(trained: dict, block_length: int, chat_template: bool) -> list[str]:
+def setting_mismatches(trained: dict, block_size: int, chat_template: bool) -> list[str]:
     """Human-readable differences between how a checkpoint was trained and how it is evaluated."""
     out = []
-    if "block_size" in trained and trained["block_size"] != block_length:
+    if "block_size" in trained and trained["block_size"] != block_size:
         out.append(f"trained with block size {trained['block_size']} but decoding with block length "
-                   f"{block_length} (pass --block-length {trained['block_size']})")
+                   f"{block_size} (pass --block-size {trained['block_size']})")
     if "chat_template" in trained and trained["chat_template"] != chat_template:
         how = "with" if trained["chat_template"] else "without"
         out.append(f"trained {how} the chat template but evaluated "
@@ -239,15 +246,18 @@ def run_evaluation(cfg: EvalConfig, *, log=print, on_benchmark=None) -> dict:
     problems = {name: load_benchmark(name, cfg.paths[name], cfg.limit) for name in cfg.benchmarks}
     bundle = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
     model = bundle.model.to(cfg.device)
+    trained = training_settings(cfg.model)
+    if cfg.layout_auto:
+        cfg.decode.layout = trained.get("layout", bundle.family.layouts[0])
     if cfg.kv_cache_auto:
-        cfg.decode.kv_cache = supports_kv_cache(model)
+        cfg.decode.kv_cache = supports_kv_cache(model) and cfg.decode.layout == "block"
     layers = sandbox_layers(cfg.sandbox)
     chat = cfg.use_chat_template and bool(getattr(bundle.tokenizer, "chat_template", None))
-    trained = training_settings(cfg.model)
-    mismatches = setting_mismatches(trained, cfg.decode.block_length, chat)
+    mismatches = setting_mismatches(trained, cfg.decode.block_size, chat)
     for m in mismatches:
         log(f"WARNING: {cfg.model}: {m}")
-    results = {"format": RESULTS_FORMAT, "name": cfg.name, "model": str(cfg.model), "family": bundle.family,
+    results = {"format": RESULTS_FORMAT, "name": cfg.name, "model": str(cfg.model),
+               "family": bundle.family.model_type,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "decode": asdict(cfg.decode), "batch_size": cfg.batch_size, "seed": cfg.seed,
                "chat_template": chat, "trained": trained, "setting_mismatches": mismatches,
@@ -268,11 +278,11 @@ def run_evaluation(cfg: EvalConfig, *, log=print, on_benchmark=None) -> dict:
             t = time.perf_counter()
             texts = generate(model, bundle.tokenizer, [probs[i].prompt for i in idx],
                              mask_token_id=bundle.mask_token_id, eos_token_id=bundle.eos_token_id,
-                             gen_length=d.gen_length, block_length=d.block_length,
+                             gen_length=d.gen_length, block_size=d.block_size,
                              steps_per_block=d.steps_per_block, temperature=d.temperature,
                              threshold=d.threshold, remasking=d.remasking,
                              use_chat_template=cfg.use_chat_template, batch_size=cfg.batch_size,
-                             seed=cfg.seed + s, kv_cache=d.kv_cache)
+                             seed=cfg.seed + s, layout=d.layout, kv_cache=d.kv_cache)
             dt = (time.perf_counter() - t) / len(idx)
             for i, text in zip(idx, texts):
                 completions[i], per_sample_s[i] = text, round(dt, 4)

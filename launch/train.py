@@ -11,18 +11,70 @@ Run commands (from the repository root)::
     deepspeed launch/train.py --config my.yaml --masking.weight 0.5 --train.max_steps 50
     python launch/train.py --help                                  # every key, default and meaning
 
+This script wires the run around ``trainer.loop.Trainer``: the default data folder is built from the
+bundled sample when missing (rank 0; any other missing ``data.path`` is an error), and after the
+export rank 0 decodes ``train.sample_prompts`` with the exported model.
+
 Exit codes: 0 done; 75 checkpointed after SIGTERM/SIGUSR1 (pre-emption: run the same command again
-to resume); 2 bad configuration; anything else is a crash.
+to resume); 2 bad configuration (one line on stderr); anything else is a crash.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from trainer.config import DEFAULT_CACHE, Config, ConfigError  # noqa: E402
 from trainer.config_io import help_text, load_config  # noqa: E402
+
+
+def prepare_default_data(cfg: Config, rank: int) -> None:
+    """Preprocess the bundled sample into the default ``data.path`` when it has no index (rank 0; the
+    other ranks wait at a barrier).  Other paths are left alone: the trainer reports them missing."""
+    import torch.distributed as dist
+
+    path = Path(cfg.data.path)
+    if (path / "index.json").is_file() or not cfg.data.preprocess_if_missing \
+            or path.resolve() != Path(DEFAULT_CACHE).resolve():
+        return
+    if rank == 0:
+        from preprocess.assets import SAMPLE_PATH
+        from preprocess.pipeline import PreprocessConfig, run_pipeline
+
+        print(f"[train] {path} missing: preprocessing the bundled sample with the rule-based extractor",
+              flush=True)
+        run_pipeline(PreprocessConfig(inputs=[SAMPLE_PATH], output_dir=path, extractor="rules",
+                                      workers=min(4, os.cpu_count() or 1)))
+    dist.barrier()
+
+
+def write_samples(trainer) -> None:
+    """Decode the sample prompts with the exported model on rank 0 -> samples.json and the log."""
+    import torch
+
+    from trainer.generation import generate, supports_kv_cache
+    from trainer.modeling import load_model
+
+    cfg = trainer.cfg
+    bundle = load_model(trainer.export_dir, dtype=torch.bfloat16 if trainer.bf16 else torch.float32)
+    model = bundle.model.to(trainer.device)
+    templated = bool(trainer.dataset.index["tokenizer"].get("chat_template_used", True))
+    layout = cfg.objective.layout
+    texts = generate(model, bundle.tokenizer, list(cfg.train.sample_prompts),
+                     mask_token_id=bundle.mask_token_id, eos_token_id=bundle.eos_token_id,
+                     gen_length=cfg.train.sample_max_new_tokens, block_size=cfg.masking.block_size,
+                     steps_per_block=cfg.masking.block_size,
+                     use_chat_template=templated,  # prompt the way the training data was built
+                     layout=layout, kv_cache=supports_kv_cache(model) and layout == "block",
+                     seed=cfg.train.seed)
+    samples = [{"prompt": p, "completion": t} for p, t in zip(cfg.train.sample_prompts, texts)]
+    (trainer.out_dir / "samples.json").write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
+    for s in samples:
+        trainer.metrics.print(f"[sample] {s['prompt']}\n{s['completion']}\n")
 
 
 def main(argv: list[str]) -> int:
@@ -34,13 +86,32 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text(cfg))
         return 0
+    from trainer.components import init_distributed
     from trainer.loop import Trainer
 
-    trainer = Trainer(cfg)
+    init_distributed()
+    trainer = None
     try:
-        return trainer.train()
+        import torch.distributed as dist
+
+        prepare_default_data(cfg, dist.get_rank())
+        trainer = Trainer(cfg)
+        code = trainer.train()
+        if code == 0 and cfg.checkpoint.export_hf and cfg.train.sample_prompts and trainer.rank == 0 \
+                and trainer.step == cfg.train.max_steps:
+            write_samples(trainer)
+        return code
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
+        else:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

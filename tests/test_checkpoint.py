@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import PreemptionFlag, capture_rng, find_resume, prune_checkpoints, restore_rng
-from trainer.config import PREEMPT_EXIT_CODE, CheckpointConfig
+from trainer.config import PREEMPT_EXIT_CODE, CheckpointConfig, ConfigError
 from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,15 +92,19 @@ def test_find_resume_modes(tmp_path):
     cfg = CheckpointConfig(output_dir=str(tmp_path), resume="auto")
     assert find_resume(cfg) is None
     root = tmp_path / "checkpoints"
-    (root / "step_4").mkdir(parents=True)
+    for s in (2, 4, 6):
+        (root / f"step_{s}").mkdir(parents=True)
     (root / "latest").write_text("step_4\n")
-    assert find_resume(cfg) == (root, "step_4")
-    with pytest.raises(FileExistsError, match="resume=never"):
+    # the tag `latest` names first, then the older kept ones (never a newer one)
+    assert find_resume(cfg) == (root, ["step_4", "step_2"])
+    with pytest.raises(ConfigError, match="resume=never"):
         find_resume(CheckpointConfig(output_dir=str(tmp_path), resume="never"))
     explicit = CheckpointConfig(output_dir="elsewhere", resume=str(root / "step_4"))
-    assert find_resume(explicit) == (root, "step_4")
-    (root / "latest").write_text("step_9")
-    with pytest.raises(FileNotFoundError, match="step_9"):
+    assert find_resume(explicit) == (root, ["step_4"])
+    (root / "latest").write_text("step_9")  # missing: tried first (and reported), then the others
+    assert find_resume(cfg) == (root, ["step_9", "step_6", "step_4", "step_2"])
+    (root / "latest").write_text("")
+    with pytest.raises(ConfigError, match="latest is empty"):
         find_resume(cfg)
 
 
@@ -179,13 +183,24 @@ def test_hf_export_reloads_with_the_same_logits(straight):
 
 def test_metrics_record_every_field(straight):
     recs = read_metrics(straight / "metrics.jsonl")
-    for key in ("loss", "loss_dense", "loss_other", "mask_rate", "rho", "tokens_per_s", "lr", "grad_norm",
-                "data_s", "mask_s", "step_s", "mfu"):
+    for key in ("loss", "loss_dense", "loss_other", "mask_rate", "mask_rate_dense", "mask_rate_other", "rho",
+                "tokens_per_s", "lr", "grad_norm", "data_s", "mask_s", "step_s", "mfu", "empty_batches"):
         assert key in recs[-1] and recs[-1][key] is not None, key
     # complementary views: each supervised token is masked in exactly one of the two rows
     assert all(abs(r["mask_rate"] - 0.5) < 1e-9 for r in recs)
     assert 0.05 < recs[-1]["rho"] < 0.9
     assert recs[0]["lr"] > recs[-1]["lr"]  # cosine decay
+    # the lr logged at step s is the one step s was taken with (schedule index s - 1), not the next one
+    from trainer.components import lr_factor
+
+    for r in recs:
+        want = 1e-3 * lr_factor(r["step"] - 1, max_steps=STEPS, warmup_ratio=0.03, schedule="cosine",
+                                min_lr_ratio=0.1)
+        assert r["lr"] == pytest.approx(want, rel=1e-9), r
+    # complementary: the overall rate is 0.5, the priority shows in the per-kind rates (soft, w = 2)
+    dense = sum(r["mask_rate_dense"] for r in recs) / len(recs)
+    other = sum(r["mask_rate_other"] for r in recs) / len(recs)
+    assert dense > other > 0
     assert recs[-1]["loss"] < recs[0]["loss"]
 
 
@@ -195,3 +210,33 @@ def test_loss_matches_stored_baseline(straight):
     got = losses(straight)
     assert len(base["loss"]) == STEPS
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], base["loss"], rtol=0.02)
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
+    """A truncated file in the newest tag: the run names it, resumes from the previous kept tag and
+    repeats the lost steps exactly; with every tag corrupt it exits 2 listing them."""
+    out = tmp_path / "run"
+    cmd = train_cmd(shards, out, "--train.max_steps", "4", "--train.save_every", "2",
+                    "--checkpoint.export_hf", "false", "--train.sample_prompts", "[]")
+    run(cmd)
+    ref = losses(out)
+    ck = out / "checkpoints"
+    bad = sorted((ck / "step_4").glob("*model_states.pt"))[0]
+    bad.write_bytes(bad.read_bytes()[:100])
+    (out / "metrics.jsonl").unlink()
+    p = run(cmd)
+    assert f"checkpoint {ck / 'step_4'} unusable: {bad} is unreadable" in p.stdout
+    assert f"falling back to {ck / 'step_2'}" in p.stdout and "at step 2" in p.stdout
+    got = losses(out)
+    assert sorted(got) == [3, 4] and [got[3], got[4]] == [ref[3], ref[4]]
+    for tag in ("step_2", "step_4"):
+        for f in (ck / tag).glob("*model_states.pt"):
+            f.write_bytes(f.read_bytes()[:100])
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("RANK", None)
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
+    assert f"no usable checkpoint in {ck}" in errors[0] and "step_2:" in errors[0] and "step_4:" in errors[0]
+

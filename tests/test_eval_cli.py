@@ -21,7 +21,7 @@ DATA_ARGS = ["--gsm8k", str(FIXTURES / "gsm8k_mini.jsonl"), "--mbpp", str(FIXTUR
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval")
     rc = main(["run", "--model", "tiny", "--name", "Tiny default", "--benchmarks", "all", *DATA_ARGS,
-               "--limit", "2", "--gen-length", "16", "--block-length", "16", "--steps-per-block", "4",
+               "--limit", "2", "--gen-length", "16", "--block-size", "16", "--steps-per-block", "4",
                "--batch-size", "2", "--timeout", "5", "--out", str(out)])
     assert rc == 0
     return out
@@ -133,7 +133,7 @@ def test_training_settings_of_a_trainer_run_are_checked(tmp_path):
     assert trained["block_size"] == 8 and trained["chat_template"] is False
     problems = setting_mismatches(trained, 32, True)
     assert len(problems) == 2
-    assert "--block-length 8" in problems[0] and "--no-chat-template" in problems[1]
+    assert "--block-size 8" in problems[0] and "--no-chat-template" in problems[1]
     assert setting_mismatches(trained, 8, False) == []
     # Not a trainer run (hub id, bare folder, unreadable config): nothing known, nothing flagged.
     assert training_settings("tiny") == {} and training_settings(data) == {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evaluation.generate import (
+from trainer.generation import (
     DecodeConfig,
     _layout,
     block_causal_mask,
@@ -78,7 +78,7 @@ def test_layout_aligns_partial_blocks_and_positions():
 
 def test_block_order_and_prompt_intact(tiny):
     ids = _ids(tiny)
-    cfg = DecodeConfig(gen_length=24, block_length=8, steps_per_block=4)
+    cfg = DecodeConfig(gen_length=24, block_size=8, steps_per_block=4)
     canvases: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
     out = generate_ids(tiny.model.eval(), ids, cfg, mask_token_id=MASK, stop_token_ids=[EOS],
                        pad_token_id=EOS, on_step=lambda x, rows, s, e: canvases.append((x, rows, s, e)))
@@ -100,7 +100,7 @@ def test_block_order_and_prompt_intact(tiny):
 
 
 def test_batched_equals_one_by_one(tiny):
-    kw = dict(mask_token_id=MASK, eos_token_id=EOS, gen_length=16, block_length=8, steps_per_block=4)
+    kw = dict(mask_token_id=MASK, eos_token_id=EOS, gen_length=16, block_size=8, steps_per_block=4)
     batched = generate(tiny.model, tiny.tokenizer, PROMPTS, batch_size=3, **kw)
     single = [generate(tiny.model, tiny.tokenizer, [p], batch_size=1, **kw)[0] for p in PROMPTS]
     assert batched == single
@@ -114,7 +114,7 @@ def test_threshold_extremes_step_counts(tiny):
     outs = {}
     for thr in (0.0, 1.0):
         calls: list[int] = []
-        cfg = DecodeConfig(gen_length=16, block_length=8, steps_per_block=8, threshold=thr)
+        cfg = DecodeConfig(gen_length=16, block_size=8, steps_per_block=8, threshold=thr)
         outs[thr] = generate_ids(tiny.model.eval(), ids, cfg, mask_token_id=MASK, stop_token_ids=[],
                                  pad_token_id=EOS, on_step=lambda x, r, s, e, calls=calls: calls.append(s))
         steps[thr] = [calls.count(s) for s in sorted(set(calls))]
@@ -124,14 +124,14 @@ def test_threshold_extremes_step_counts(tiny):
     first_masks = 8 - n % 8
     assert steps[1.0][0] == first_masks and all(s == 8 for s in steps[1.0][1:])
     # and it is then the same as LLaDA's plain low-confidence remasking
-    cfg = DecodeConfig(gen_length=16, block_length=8, steps_per_block=8, remasking="low_confidence")
+    cfg = DecodeConfig(gen_length=16, block_size=8, steps_per_block=8, remasking="low_confidence")
     low = generate_ids(tiny.model.eval(), ids, cfg, mask_token_id=MASK, stop_token_ids=[], pad_token_id=EOS)
     assert low == outs[1.0]
     assert len(outs[0.0][0]) == len(outs[1.0][0]) == 16
 
 
 def test_deterministic_under_seed(tiny):
-    kw = dict(mask_token_id=MASK, eos_token_id=EOS, gen_length=8, block_length=8, steps_per_block=2,
+    kw = dict(mask_token_id=MASK, eos_token_id=EOS, gen_length=8, block_size=8, steps_per_block=2,
               temperature=1.0, batch_size=3, use_chat_template=False)
     a = generate(tiny.model, tiny.tokenizer, PROMPTS, seed=7, **kw)
     b = generate(tiny.model, tiny.tokenizer, PROMPTS, seed=7, **kw)
@@ -142,7 +142,7 @@ def test_deterministic_under_seed(tiny):
 
 @pytest.mark.parametrize("remasking", ["threshold", "low_confidence"])
 def test_kv_cache_gives_same_tokens(small64, remasking):
-    kw = dict(mask_token_id=MASK, eos_token_id=EOS, gen_length=32, block_length=8, steps_per_block=4,
+    kw = dict(mask_token_id=MASK, eos_token_id=EOS, gen_length=32, block_size=8, steps_per_block=4,
               remasking=remasking, batch_size=3, threshold=0.5)
     plain = generate(small64.model, small64.tokenizer, PROMPTS, kv_cache=False, **kw)
     cached = generate(small64.model, small64.tokenizer, PROMPTS, kv_cache=True, **kw)
@@ -151,14 +151,17 @@ def test_kv_cache_gives_same_tokens(small64, remasking):
 
 
 def _eos_at(model, column: int):
-    """Instrument the real model: its lm_head output favours EOS at one canvas column only."""
-    def hook(_module, _inputs, logits):
-        logits = logits.clone()
+    """Instrument the real model: its logits favour EOS at one canvas column only (one unpadded prompt,
+    so a column's position id is the column; the LM head runs on the kept positions only)."""
+    def hook(_module, _args, kwargs, out):
+        logits = out.logits.clone()  # [r, kept, V]
         logits[..., EOS] = -1e4
-        if logits.shape[1] > column:  # uncached calls see the whole canvas prefix
-            logits[:, column, EOS] = 1e4
-        return logits
-    return model.lm_head.register_forward_hook(hook)
+        keep = kwargs["logits_to_keep"]
+        kept = kwargs["position_ids"][:, keep if isinstance(keep, slice) else slice(None)]  # [r, kept]
+        logits[..., EOS] = torch.where(kept == column, 1e4, logits[..., EOS])
+        out.logits = logits
+        return out
+    return model.register_forward_hook(hook, with_kwargs=True)
 
 
 def test_eos_stops_sample_after_its_block(tiny):
@@ -169,7 +172,7 @@ def test_eos_stops_sample_after_its_block(tiny):
     handle = _eos_at(tiny.model, eos_col)
     try:
         starts: list[int] = []
-        cfg = DecodeConfig(gen_length=64, block_length=8, steps_per_block=8)
+        cfg = DecodeConfig(gen_length=64, block_size=8, steps_per_block=8)
         out = generate_ids(tiny.model.eval(), ids, cfg, mask_token_id=MASK, stop_token_ids=[EOS],
                            pad_token_id=EOS, on_step=lambda x, r, s, e: starts.append(s))
     finally:
@@ -181,7 +184,7 @@ def test_eos_stops_sample_after_its_block(tiny):
 
 def test_gen_length_not_multiple_of_block(tiny):
     ids = _ids(tiny, PROMPTS[1:2])
-    cfg = DecodeConfig(gen_length=13, block_length=8, steps_per_block=2, threshold=0.0)
+    cfg = DecodeConfig(gen_length=13, block_size=8, steps_per_block=2, threshold=0.0)
     out = generate_ids(tiny.model.eval(), ids, cfg, mask_token_id=MASK, stop_token_ids=[], pad_token_id=EOS)
     assert len(out[0]) == 13
 
@@ -190,8 +193,8 @@ def test_exported_hf_folder_loads_and_generates(tiny, tmp_path):
     tiny.model.save_pretrained(tmp_path)
     tiny.tokenizer.save_pretrained(tmp_path)
     again = load_model(tmp_path)
-    assert again.family == "tiny_dllm" and again.mask_token_id == MASK
-    kw = dict(gen_length=8, block_length=8, steps_per_block=4, batch_size=2)
+    assert again.family.model_type == "tiny_dllm" and again.mask_token_id == MASK
+    kw = dict(gen_length=8, block_size=8, steps_per_block=4, batch_size=2)
     a = generate(again.model, again.tokenizer, PROMPTS[:2], mask_token_id=again.mask_token_id,
                  eos_token_id=again.eos_token_id, **kw)
     b = generate(tiny.model, tiny.tokenizer, PROMPTS[:2], mask_token_id=MASK, eos_token_id=EOS, **kw)
@@ -199,8 +202,8 @@ def test_exported_hf_folder_loads_and_generates(tiny, tmp_path):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="block_length"):
-        DecodeConfig(block_length=0)
+    with pytest.raises(ValueError, match="block_size"):
+        DecodeConfig(block_size=0)
     with pytest.raises(ValueError, match="remasking"):
         DecodeConfig(remasking="random")
     with pytest.raises(ValueError, match="threshold"):
@@ -241,7 +244,7 @@ def _llada2_reference(model, prompt: list[int], gen_length: int, block: int, thr
 @pytest.mark.parametrize("threshold", [0.95, 0.0007, 0.0005])
 def test_matches_llada2_reference_loop(tiny, threshold):
     ids = _ids(tiny, PROMPTS[:2])
-    cfg = DecodeConfig(gen_length=12, block_length=8, steps_per_block=8, threshold=threshold)
+    cfg = DecodeConfig(gen_length=12, block_size=8, steps_per_block=8, threshold=threshold)
     ours = generate_ids(tiny.model.eval(), ids, cfg, mask_token_id=MASK, stop_token_ids=[], pad_token_id=EOS)
     with torch.no_grad():
         ref = [_llada2_reference(tiny.model, p, 12, 8, threshold) for p in ids]
@@ -329,3 +332,23 @@ def test_decoding_forward_equals_training_noisy_half(small64):
                 infer_logits = call_model(model, input_ids=x, attention_mask=attn[row:row + 1, :, cols, cols],
                                           position_ids=canvas.position_ids[row:row + 1, cols])
             torch.testing.assert_close(infer_logits[0, off + start:], train_logits, rtol=0, atol=1e-9)
+
+
+def test_full_layout_sees_later_blocks(tiny):
+    """layout='full' (a model trained with full attention): a query sees the still-masked later blocks,
+    so the first block's logits change when a later canvas column changes; 'block' never lets them."""
+    from trainer.generation import block_causal_mask, full_canvas_mask
+
+    valid = torch.tensor([[False] * 4 + [True] * 12])
+    full, causal = full_canvas_mask(valid)[0, 0], block_causal_mask(valid, 4)[0, 0]
+    assert full[4:, 4:].all() and not full[4:, :4].any() and full[:4, :4].diagonal().all()
+    assert not causal[4, 8] and causal[8, 4]
+    ids = _ids(tiny, PROMPTS[:1])
+    cfg = DecodeConfig(gen_length=16, block_size=8, steps_per_block=4, layout="full")
+    out = generate_ids(tiny.model.eval(), ids, cfg, mask_token_id=MASK, stop_token_ids=[], pad_token_id=EOS)
+    assert len(out[0]) == 16
+    with pytest.raises(ValueError, match="kv_cache needs layout 'block'"):
+        DecodeConfig(layout="full", kv_cache=True)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        DecodeConfig(layout="causal")
+

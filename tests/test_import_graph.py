@@ -25,7 +25,7 @@ PACKAGES = ("preprocess", "trainer", "evaluation", "launch")
 
 # Set to False once the trainer no longer imports evaluation/ or the preprocessing pipeline and
 # trainer/config.py <-> config_io.py no longer import each other.
-PENDING_TRAINER_SPLIT = True
+PENDING_TRAINER_SPLIT = False
 PENDING_REASON = ("trainer split pending: trainer imports evaluation and the preprocessing pipeline, "
                   "trainer.config <-> trainer.config_io")
 
@@ -36,8 +36,8 @@ PREPROCESS_LAYERS: list[tuple[str, ...]] = [
     ("preprocess.extractors.rules", "preprocess.extractors.none", "preprocess.extractors.llm",
      "preprocess.extractors.confidence"),
     ("preprocess.extractors.registry",),
-    ("preprocess.align",),
-    ("preprocess.shards_verify",),
+    ("preprocess.align", "preprocess.budget"),
+    ("preprocess.shards_verify", "preprocess.rho_stats"),
     ("preprocess.pipeline",),
     ("preprocess.cli",),
 ]

@@ -1,43 +1,37 @@
-"""One code path for the tiny default and HF models loaded from a folder (random-weight Llama/Qwen2)."""
+"""Loading our families and calling them through one convention (trainer.modeling, trainer.families)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from preprocess.assets import TOKENIZER_DIR
 from trainer.attention import block_diffusion_mask
-from trainer.modeling import call_model, load_model, mask_token_id_of
+from trainer.families import FAMILIES, family_for, mask_token_id_of
+from trainer.modeling import build_tiny_model, call_model, family_of, load_model
 
 
-def save_random_hf_model(folder, arch: str = "llama", seed: int = 0):
-    """A ~0.3M-parameter random model of a stock HF architecture plus the bundled tokenizer."""
+def save_tiny_folder(folder, seed: int = 0):
+    """The tiny default saved as a HF folder with the bundled tokenizer (loads by path, no remote code)."""
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    cfg = LlamaConfig(**common) if arch == "llama" else Qwen2Config(**common)
-    torch.manual_seed(seed)
-    model = (LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM)(cfg)
-    model.save_pretrained(folder)
+    build_tiny_model(tok, seed=seed, hidden_size=64, num_layers=2).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
 def test_tiny_default_ids_and_determinism():
     a, b = load_model("tiny", seed=0), load_model("tiny", seed=0)
-    assert a.family == "tiny_dllm" and a.mask_token_id == 1 and a.eos_token_id == 0
+    assert a.family is FAMILIES["tiny_dllm"] and a.mask_token_id == 1 and a.eos_token_id == 0
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)
     other = load_model("tiny", seed=1).model
     assert not all(torch.equal(p, q) for p, q in zip(a.model.parameters(), other.parameters()))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_hf_folder_loads_and_obeys_a_custom_4d_mask(tmp_path, arch):
-    bundle = load_model(save_random_hf_model(tmp_path / arch, arch))
-    assert bundle.family == arch and bundle.mask_token_id == 1 and bundle.eos_token_id == 0
+def test_folder_loads_and_obeys_a_custom_4d_mask(tmp_path):
+    bundle = load_model(save_tiny_folder(tmp_path / "tiny"))
+    assert bundle.family.model_type == "tiny_dllm" and bundle.mask_token_id == 1 and bundle.eos_token_id == 0
     model = bundle.model.eval()
     length, blk = 8, 4
     ids = torch.randint(2, 4000, (1, 2 * length))
@@ -57,7 +51,38 @@ def test_hf_folder_loads_and_obeys_a_custom_4d_mask(tmp_path, arch):
     assert not torch.allclose(full[0, 0], base[0, 0], atol=1e-5)
 
 
-def test_mask_token_comes_from_tokenizer_then_config():
+def test_an_unknown_architecture_is_refused_by_name(tmp_path):
+    """A stock autoregressive Llama is not a diffusion family: refused naming its model_type and the known
+    ones, rather than trained with an unknown logit alignment."""
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"config.json: model_type 'llama' is not a diffusion-LM family"
+                                         r".*llada2_moe"):
+        load_model(tmp_path / "llama")
+
+
+def test_family_table_layouts_and_refusals():
+    assert set(FAMILIES) == {"tiny_dllm", "llada", "Dream", "llada2_moe"}
+    dream = family_for("Dream")
+    assert dream.logit_shift == 1 and dream.layouts == ("full",) and not dream.kv_cache
+    with pytest.raises(ValueError, match="objective.layout: layout 'block' is not supported for Dream.*"
+                                         "predicts token i\\+1"):
+        dream.check_layout("block", "objective.layout")
+    for name in ("tiny_dllm", "llada", "llada2_moe"):
+        fam = family_for(name)
+        assert fam.logit_shift == 0 and fam.layouts == ("block", "full") and fam.kv_cache
+        fam.check_layout("block", "objective.layout")
+    assert family_for("llada2_moe").z3_leaf_modules
+    model = load_model("tiny").model
+    assert family_of(model) is FAMILIES["tiny_dllm"] and family_for("tiny_dllm").leaf_classes(model) == []
+    with pytest.raises(ValueError, match="ZeRO-3 leaf module class"):
+        family_for("llada2_moe").leaf_classes(model)
+
+
+def test_mask_token_from_tokenizer_and_config_must_agree():
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     assert mask_token_id_of(object(), tok) == 1
 
@@ -65,9 +90,11 @@ def test_mask_token_comes_from_tokenizer_then_config():
         mask_token_id = None
 
     class Cfg:
-        mask_token_id = 126336  # LLaDA keeps it in the config only
+        mask_token_id = 126336  # LLaDA keeps it in the config
 
     assert mask_token_id_of(Cfg(), NoMask()) == 126336
+    with pytest.raises(ValueError, match="tokenizer's mask token is id 1 but config.mask_token_id is 126336"):
+        mask_token_id_of(Cfg(), tok)
     with pytest.raises(ValueError, match="mask token"):
         mask_token_id_of(object(), NoMask())
 
@@ -103,30 +130,3 @@ def test_keep_noisy_half_gives_the_same_loss_and_grads(weighting):
     torch.testing.assert_close(l_keep, l_full, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_keep, g_full):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_keep_falls_back_to_slicing_without_logits_to_keep():
-    """A model whose forward has no logits_to_keep (remote-code families) gets its full logits sliced."""
-    from trainer.modeling import supports_logits_to_keep
-
-    inner = load_model("tiny", seed=0).model.eval()
-
-    class NoKeep(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-
-        def forward(self, input_ids, attention_mask, position_ids):
-            return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-
-    wrapped = NoKeep()
-    assert supports_logits_to_keep(inner) and not supports_logits_to_keep(wrapped)
-    tb = _training_batch(seed=1)
-    length = tb.targets.shape[1]
-    with torch.no_grad():
-        full = call_model(inner, **tb.model_inputs)
-        native = call_model(inner, **tb.model_inputs, keep=slice(0, length))
-        sliced = call_model(wrapped, **tb.model_inputs, keep=slice(0, length))
-    assert sliced.shape == native.shape == (full.shape[0], length, full.shape[2])
-    torch.testing.assert_close(native, full[:, :length], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sliced, full[:, :length], rtol=0, atol=0)

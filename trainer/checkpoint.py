@@ -32,6 +32,7 @@ import json
 import random
 import shutil
 import signal
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.config import PREEMPT_EXIT_CODE, CheckpointConfig
+from trainer.config import PREEMPT_EXIT_CODE, CheckpointConfig, ConfigError
 
 LATEST = "latest"
 STATE_FILE = "trainer_state_rank{rank}.pt"
@@ -126,32 +127,44 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def find_resume(cfg: CheckpointConfig) -> tuple[Path, str] | None:
-    """(checkpoint root, tag) to resume from per ``checkpoint.resume``, or None to start fresh."""
+def find_resume(cfg: CheckpointConfig) -> tuple[Path, list[str]] | None:
+    """(checkpoint root, tags to try newest first) per ``checkpoint.resume``, or None to start fresh.
+
+    'auto' (and a checkpoints/ root): the tag ``latest`` names, then the older kept tags, so a newest
+    checkpoint found unreadable falls back to the previous one.  An explicit tag folder is tried alone.
+    """
     root = checkpoints_dir(cfg)
     if cfg.resume == "never":
         if (root / LATEST).is_file():
-            raise FileExistsError(f"checkpoint.resume=never but {root} already holds a checkpoint "
-                                  f"({(root / LATEST).read_text().strip()}); use another "
-                                  f"checkpoint.output_dir or delete it")
+            raise ConfigError(f"checkpoint.resume=never but {root} already holds a checkpoint "
+                              f"({(root / LATEST).read_text().strip()}); use another "
+                              f"checkpoint.output_dir or delete it")
         return None
-    if cfg.resume == "auto":
-        if not (root / LATEST).is_file():
-            return None
-        tag = (root / LATEST).read_text().strip()
-        if not (root / tag).is_dir():
-            raise FileNotFoundError(f"{root / LATEST} names tag {tag!r} but {root / tag} does not exist")
-        return root, tag
-    path = Path(cfg.resume)
-    if (path / LATEST).is_file():  # a checkpoints/ root
-        return path, (path / LATEST).read_text().strip()
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint.resume: {path} is neither auto, never nor a checkpoint folder")
-    return path.parent, path.name
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if (path / LATEST).is_file():  # a checkpoints/ root
+            root = path
+        elif path.is_dir():
+            return path.parent, [path.name]
+        else:
+            raise ConfigError(f"checkpoint.resume: {path} is neither auto, never nor a checkpoint folder")
+    elif not (root / LATEST).is_file():
+        return None
+    tag = (root / LATEST).read_text().strip()
+    if not tag:
+        raise ConfigError(f"{root / LATEST} is empty (interrupted while written?): write the tag to resume "
+                          f"from into it (e.g. step_100), set checkpoint.resume to a step folder, or delete "
+                          f"{root} to start fresh")
+    older = sorted((int(p.name[5:]) for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()
+                    and p.name != tag), reverse=True)
+    newest = int(tag[5:]) if tag.startswith("step_") and tag[5:].isdigit() else None
+    return root, [tag] + [tag_for(s) for s in older if newest is None or s < newest]
 
 
 def load_checkpoint(engine, root: Path, tag: str, *, generator: torch.Generator | None) -> dict[str, Any]:
     """Collective.  Restores DeepSpeed states and this rank's RNGs; returns our state (step, loader)."""
+    if not (root / tag).is_dir():
+        raise FileNotFoundError(f"{root / tag} does not exist")
     path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:
@@ -176,6 +189,46 @@ def load_checkpoint(engine, root: Path, tag: str, *, generator: torch.Generator 
         raise RuntimeError(f"{file}: step {state.get('step')} != DeepSpeed client_state step "
                            f"{client.get('step')}")
     return state
+
+
+def _culprit(folder: Path, error: Exception) -> str:
+    """The file of ``folder`` that is unreadable (a torch.save archive failing its zip check), else the
+    error itself: DeepSpeed's own loading errors do not name the file."""
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{f} is unreadable ({e})"
+        if bad is not None:
+            return f"{f} is corrupt (member {bad})"
+    return f"{type(error).__name__}: {error}"
+
+
+def resume(engine, root: Path, tags: list[str], *, generator: torch.Generator | None, log,
+           device: torch.device | str = "cpu") -> tuple[str, dict[str, Any]]:
+    """Collective.  Load the first usable tag of ``tags`` on every rank -> (tag, our state).
+
+    A tag any rank cannot read is skipped on all ranks (agreed with one all-reduce), with a line naming
+    the file; no usable tag left is a ConfigError listing each failure.
+    """
+    failures = []
+    for i, tag in enumerate(tags):
+        try:
+            state, problem = load_checkpoint(engine, root, tag, generator=generator), None
+        except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
+            state, problem = None, _culprit(root / tag, e)
+        flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return tag, state
+        problem = problem or "unreadable on another rank"
+        failures.append(f"{tag}: {problem}")
+        after = f"falling back to {root / tags[i + 1]}" if i + 1 < len(tags) else "no older checkpoint left"
+        log(f"[train] WARNING: checkpoint {root / tag} unusable: {problem}; {after}")
+    raise ConfigError(f"checkpoint.resume: no usable checkpoint in {root} ({'; '.join(failures)}); "
+                      f"use another checkpoint.output_dir or delete it to start fresh")
 
 
 # --------------------------------------------------------------------------------------------- signals

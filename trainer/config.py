@@ -3,9 +3,7 @@
 What is here is the schema: every section validates itself in ``__post_init__`` and names the bad
 field (``optim.lr: must be > 0``), and the docstring written under each field is the ``--help`` text.
 How values get onto the tree (preset < YAML < CLI) and how the DeepSpeed JSON is checked against it
-live in :mod:`trainer.config_io`; its public names (``load_config``, ``help_text``,
-``resolve_deepspeed_config``, ...) stay importable from here, so ``from trainer.config import
-load_config`` keeps working for launchers and SLURM scripts.
+live in :mod:`trainer.config_io`, which imports this module (never the other way round).
 """
 
 from __future__ import annotations
@@ -24,6 +22,12 @@ PREEMPT_EXIT_CODE = 75
 """Exit code after a SIGTERM/SIGUSR1-triggered checkpoint (EX_TEMPFAIL: "try again", i.e. requeue)."""
 
 
+class ConfigError(ValueError):
+    """A configuration the run cannot start with, found after parsing (a missing or malformed file, a
+    setting that contradicts the model or the DeepSpeed JSON).  ``launch/train.py`` prints its one-line
+    message and exits 2, like a bad value on the command line."""
+
+
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"{key}: {msg}, got {value!r}")
@@ -34,14 +38,13 @@ class ModelConfig:
     """Which diffusion LM to fine-tune."""
 
     name: str = "tiny"
-    """HF hub name or local folder of a diffusion LM (LLaDA, LLaDA2 MoE, Dream, an exported run),
-    or "tiny" for the built-in random-initialised ~4M-parameter default."""
+    """HF hub name or local folder of a diffusion LM of a family in ``trainer.families`` (LLaDA, LLaDA2
+    MoE, Dream, an exported run), or "tiny" for the built-in random-initialised ~4M-parameter default.
+    Loaded with our own implementation of the family (no remote code)."""
     tokenizer: str | None = None
     """Tokenizer name/path when it differs from the model's (default: the model's own)."""
     dtype: str = "auto"
     """Parameter dtype: auto (bf16 on a GPU with bf16, fp32 on CPU), float32, bfloat16."""
-    trust_remote_code: bool = True
-    """Allow the model's own modelling code (LLaDA, LLaDA2, Dream ship it)."""
     attn_implementation: str | None = None
     """Override the attention backend (sdpa, eager, flex_attention); None keeps the model's."""
 
@@ -58,8 +61,9 @@ class DataConfig:
     path: str = DEFAULT_CACHE
     """Folder of preprocessed shards (``index.json`` + shards).  Relative paths are from the cwd."""
     preprocess_if_missing: bool = True
-    """If ``path`` has no ``index.json``, preprocess the bundled sample with the rule-based extractor
-    into it first (rank 0 only; the others wait at a barrier)."""
+    """If ``path`` is the default (``cache/sample-rules``) and has no ``index.json``, ``launch/train.py``
+    preprocesses the bundled sample with the rule-based extractor into it first (rank 0; the others wait
+    at a barrier).  Any other missing path is an error: a misspelt path is never filled with the sample."""
     max_length: int = 256
     """Longest sample in tokens, a multiple of masking.block_size.  Longer samples follow ``overflow``.
     256 keeps 89 % of the bundled sample whole (median 162 tokens, 90th percentile 261) and halves the
@@ -276,23 +280,3 @@ def tiny_smoke() -> Config:
 
 
 PRESETS = {"tiny_default": tiny_default, "tiny_smoke": tiny_smoke}
-
-
-# ------------------------------------------------------------------------- the YAML/CLI/JSON mapping
-
-def __getattr__(name: str) -> Any:
-    """Re-export :mod:`trainer.config_io` lazily (PEP 562): config_io imports this module for the tree,
-    so an eager import here would be circular when config_io is imported first."""
-    if not name.startswith("__"):
-        from trainer import config_io
-
-        if name in config_io.__all__:
-            return getattr(config_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    from trainer import config_io
-
-    return sorted(set(globals()) | set(config_io.__all__))
-

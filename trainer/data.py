@@ -30,6 +30,7 @@ import torch
 
 from preprocess.shards import FLAG_INFO_DENSE, FLAG_SUPERVISED, ShardedDataset
 from trainer.config import DataConfig
+from trainer.masking import num_blocks
 
 
 @dataclass(slots=True)
@@ -131,7 +132,7 @@ def collate(tokens: list[np.ndarray], flags: list[np.ndarray], *, max_length: in
     if pad_to == "max_length":
         width = max_length
     else:
-        width = -(-int(lengths.max()) // block_size) * block_size
+        width = num_blocks(int(lengths.max()), block_size) * block_size
     b = len(tokens)
     ids = np.full((b, width), eos_id, dtype=np.int64)
     fl = np.full((b, width), FLAG_SUPERVISED, dtype=np.uint8)  # padding: supervised EOS, not dense

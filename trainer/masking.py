@@ -46,6 +46,9 @@ from torch import Tensor
 
 MaskMode = Literal["soft", "hard", "odds", "uniform"]
 _MODES = ("soft", "hard", "odds", "uniform")
+BLOCK_SIZE = 32
+"""Tokens per diffusion block at absolute positions (the paper and LLaDA2: 32): the one definition that
+training, generation and evaluation default to."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -62,7 +65,7 @@ class MaskingConfig:
     """Lower end of the target mask rate band (paper: 0.3)."""
     sigma_max: float = 0.8
     """Upper end of the target mask rate band (paper: 0.8)."""
-    block_size: int = 32
+    block_size: int = BLOCK_SIZE
     """Tokens per diffusion block at absolute positions (paper/LLaDA2: 32)."""
     per_block: bool = True
     """True: one sigma per block (the paper); False: one sigma per sequence, shared by all its blocks

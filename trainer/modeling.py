@@ -3,33 +3,33 @@
 Convention used everywhere in the project (training, generation, evaluation)::
 
     logits = call_model(model, input_ids=[B, L], attention_mask=[B|1, 1, Q, K] bool, position_ids=[B, L])
-    # logits[:, i] predicts token i (no shift), shape [B, L, V]
+    # logits[:, i] predicts token i, shape [B, L, V], for every family
 
-Families differ in how they take a custom attention mask; the difference lives in one table
-(``MASK_STYLE``) rather than in branches scattered over the trainer:
-
-- ``bool``: transformers-native 4-D boolean mask, True = may attend (the built-in ``tiny_dllm``,
-  Dream, and any Llama/Qwen2 body);
-- ``additive``: a float mask with 0 / -inf (LLaDA2 MoE, whose remote code adds it to scores);
-- ``bias``: LLaDA v1 takes the additive mask through ``attention_bias``.
-
-A flex-attention ``BlockMask`` is passed through unchanged (the model must be loaded with
-``attn_implementation="flex_attention"``).
+Every family takes the same arguments (a 4-D boolean mask, True = may attend, or a flex
+``BlockMask`` when loaded with ``attn_implementation="flex_attention"``); what still differs between
+families (Dream's logit shift, the layouts each supports, ZeRO-3 leaf modules) is stated once in
+:mod:`trainer.families` and applied here.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Cache,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
-from trainer import tiny_model  # noqa: F401  (registers the tiny_dllm Auto classes)
+from trainer import tiny_model
+from trainer.families import Family, family_for, mask_token_id_of
 
-MASK_STYLE: dict[str, str] = {"tiny_dllm": "bool", "dream": "bool", "llada2_moe": "additive",
-                              "llada": "bias"}
 DEFAULT_MODEL = "tiny"
 
 
@@ -41,18 +41,7 @@ class ModelBundle:
     tokenizer: PreTrainedTokenizerBase
     mask_token_id: int
     eos_token_id: int
-    family: str
-
-
-def mask_token_id_of(config, tokenizer: PreTrainedTokenizerBase) -> int:
-    """The mask token id from the tokenizer, else from the config (LLaDA stores it there only)."""
-    tid = getattr(tokenizer, "mask_token_id", None)
-    if tid is None:
-        tid = getattr(config, "mask_token_id", None)
-    if tid is None:
-        raise ValueError("cannot find a mask token: neither the tokenizer's mask_token nor "
-                         "config.mask_token_id is set; pass it explicitly (model.mask_token_id)")
-    return int(tid)
+    family: Family
 
 
 def build_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -64,14 +53,23 @@ def build_tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **overri
         return tiny_model.TinyDLLMForMaskedDiffusion(cfg)
 
 
+def family_in(name_or_path: str | Path) -> Family:
+    """The family of a checkpoint folder or hub name, from its config.json, with its classes registered."""
+    config_dict, _ = PretrainedConfig.get_config_dict(str(name_or_path))
+    fam = family_for(str(config_dict.get("model_type")), where=f"{name_or_path}/config.json")
+    fam.import_module()
+    return fam
+
+
 def load_model(name_or_path: str | Path, *, tokenizer: str | Path | None = None,
-               dtype: torch.dtype = torch.float32, trust_remote_code: bool = True,
-               attn_implementation: str | None = None, seed: int = 0) -> ModelBundle:
-    """Load an HF diffusion LM (LLaDA, LLaDA2, Dream, an exported checkpoint) or the tiny default.
+               dtype: torch.dtype = torch.float32, attn_implementation: str | None = None, seed: int = 0,
+               zero3_config: dict | None = None) -> ModelBundle:
+    """Load one of our families (LLaDA, LLaDA2, Dream, an exported run) or build the tiny default.
 
     ``name_or_path == "tiny"`` builds the random-initialised default with the bundled tokenizer.
-    Remote-code models register either ``AutoModelForCausalLM`` (LLaDA2) or only ``AutoModel``
-    (Dream, LLaDA v1), so both are tried in that order.
+    ``zero3_config`` (a resolved ZeRO-3 DeepSpeed dict): the weights are partitioned while they load
+    (transformers runs the model's construction under ``deepspeed.zero.Init`` while an
+    ``HfDeepSpeedConfig`` is alive), so no rank ever holds the whole model.
     """
     from preprocess.assets import TOKENIZER_DIR
 
@@ -80,62 +78,79 @@ def load_model(name_or_path: str | Path, *, tokenizer: str | Path | None = None,
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = build_tiny_model(tok, seed=seed, **extra).to(dtype)
         return ModelBundle(model, tok, mask_token_id_of(model.config, tok), int(tok.eos_token_id),
-                           "tiny_dllm")
-    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path, trust_remote_code=trust_remote_code)
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+                           family_for("tiny_dllm"))
+    fam = family_in(name_or_path)
+    tok = AutoTokenizer.from_pretrained(tokenizer or name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path)
+    kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    try:
+    with zero3_loading(zero3_config):
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **kwargs)
-    except ValueError:
-        model = AutoModel.from_pretrained(name_or_path, config=config, **kwargs)
     eos = tok.eos_token_id if tok.eos_token_id is not None else config.eos_token_id
-    return ModelBundle(model, tok, mask_token_id_of(config, tok), int(eos), family_of(model))
+    if eos is None:
+        raise ValueError(f"{name_or_path}: neither the tokenizer nor config.json names an EOS token")
+    return ModelBundle(model, tok, mask_token_id_of(config, tok), int(eos), fam)
 
 
-def family_of(model: torch.nn.Module) -> str:
-    """The config's model_type (through a DeepSpeed engine too), the key of ``MASK_STYLE``."""
-    return str(getattr(model.config, "model_type", "")).lower()
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict | None):
+    """Keep an ``HfDeepSpeedConfig`` alive for the block (transformers holds it by weak reference only)."""
+    if ds_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
 
-
-def supports_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether ``model.forward`` takes ``logits_to_keep`` (transformers' Llama/Qwen2-style heads do).
-
-    A DeepSpeed engine is looked through to its module.  Remote-code families (LLaDA v1, some Dream
-    revisions) lack it; :func:`call_model` then slices the full logits instead.
-    """
-    inner = getattr(model, "module", model)
+    keep = HfDeepSpeedConfig(ds_config)
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
+        yield
+    finally:
+        del keep
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    """The family of a model or of a DeepSpeed engine wrapping it (whose own ``config`` is the DeepSpeed
+    dict, so the model's is read through ``engine.module``)."""
+    inner = getattr(model, "module", model)
+    return family_for(str(getattr(inner.config, "model_type", "")))
+
+
+def mark_z3_leaf_modules(model: torch.nn.Module) -> list[type]:
+    """Mark the family's MoE blocks as ZeRO-3 leaves (call before ``deepspeed.initialize``)."""
+    classes = family_of(model).leaf_classes(model)
+    if classes:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, classes)
+    return classes
 
 
 def call_model(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor,
-               keep: slice | None = None) -> torch.Tensor:
-    """Forward pass with a 4-D boolean mask (or flex BlockMask) in the family's own form -> logits.
+               keep: slice | None = None, cache: Cache | None = None) -> torch.Tensor:
+    """Forward pass -> logits [B, n, V] aligned so that logit i predicts token i, for every family.
 
-    ``keep``: the sequence positions whose logits are needed (the block layout's loss reads only the
-    noisy half, ``slice(0, L)`` of ``2L``).  Where the model takes ``logits_to_keep`` the LM head runs
-    on those positions only, which saves the [B, 2L, V] -> [B, L, V] half of the largest activation
-    and of the head's matmul; otherwise the full logits are sliced (same values, no saving).  None
-    returns all positions, as before.
+    ``keep``: the positions whose logits are needed (the block layout's loss reads only the noisy
+    half, ``slice(0, L)`` of ``2L``), passed on as ``logits_to_keep`` so the LM head runs on those
+    positions only; None = all.  For a shifted family (Dream: raw logit j predicts token j + 1) the
+    logit for token i is the raw logit i - 1 (token 0 keeps its own, as Dream's generation does), so
+    the head runs on positions ``[start - 1, stop - 1)`` (``[0, stop - 1)`` plus position 0 again
+    when ``start`` is 0).  ``cache``: a transformers ``Cache`` the model reads and extends (block
+    decoding); the positions and the mask then cover the new tokens only (queries) and the cached plus
+    new ones (keys).
     """
-    style = MASK_STYLE.get(family_of(model), "bool")
-    kwargs = {"input_ids": input_ids, "position_ids": position_ids}
-    if isinstance(attention_mask, torch.Tensor) and style != "bool":
-        dtype = next(model.parameters()).dtype
-        additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
-        additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)
-        kwargs["attention_bias" if style == "bias" else "attention_mask"] = additive
-    else:
-        kwargs["attention_mask"] = attention_mask
-    native = keep is not None and supports_logits_to_keep(model)
-    if native:
-        kwargs["logits_to_keep"] = keep
-    out = model(**kwargs)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    if keep is not None and not native:
-        logits = logits[:, keep]
-    return logits
+    shift = family_of(model).logit_shift
+    length = input_ids.shape[1]
+    keep = slice(None) if keep is None else keep
+    if keep.step not in (None, 1):
+        raise ValueError(f"call_model: keep must be a contiguous slice, got {keep}")
+    start, stop = keep.start or 0, length if keep.stop is None else keep.stop
+    lo = max(start - shift, 0)
+    raw_keep = 0 if (lo, stop) == (0, length) else slice(lo, stop)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=raw_keep, **({"cache": cache, "use_cache": True} if cache is not None else {}))
+    logits = out.logits  # [B, stop - lo, V]
+    if not shift:
+        return logits
+    if start == 0:  # [B, stop, V]: token 0 from raw 0, token i from raw i - 1
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+    return logits[:, :-1]  # raw [start - 1, stop - 1) -> tokens [start, stop)

@@ -46,7 +46,7 @@ from trainer.attention import (
     block_diffusion_mask,
     full_block_mask,
 )
-from trainer.masking import MaskingConfig, MaskSample, per_token_rate, sample_masks
+from trainer.masking import BLOCK_SIZE, MaskingConfig, MaskSample, per_token_rate, sample_masks
 
 Layout = Literal["block", "full"]
 AttnBackend = Literal["sdpa", "flex"]
@@ -54,7 +54,7 @@ Weighting = Literal["masked_mean", "elbo"]
 
 
 def build_model_inputs(input_ids: Tensor, mask: Tensor, mask_token_id: int, layout: Layout = "block",
-                       block_size: int = 32, attn_backend: AttnBackend = "sdpa") -> dict:
+                       block_size: int = BLOCK_SIZE, attn_backend: AttnBackend = "sdpa") -> dict:
     """Model keyword arguments for one noisy batch.
 
     Returns ``input_ids`` [B, L] ('full') or [B, 2L] ('block'), ``position_ids`` of the same shape, and
@@ -204,6 +204,18 @@ class TrainingBatch:
     def loss(self, logits: Tensor, weighting: Weighting = "masked_mean") -> LossOutput:
         """``diffusion_loss`` of this batch for the model's logits."""
         return diffusion_loss(logits, self.targets, self.mask, self.dense, self.t, weighting, self.supervised)
+
+    def priority_view_counts(self) -> dict[str, Tensor]:
+        """Token counts of the priority view (rows [0, B)) as 0-d tensors (no sync), to be summed over
+        micro-batches and ranks before dividing: ``masked_dense / dense`` and ``masked_other / other``
+        are the realised mask rates on info-dense and on the other supervised tokens (with complementary
+        masking the overall rate is exactly 0.5, so these are what shows the priority at work)."""
+        b = self.sample.mask.shape[0]
+        sup, mask = self.supervised[:b], self.mask[:b]
+        dense = self.dense[:b] & sup
+        other = sup & ~dense
+        return {"masked_dense": (mask & dense).sum(), "dense": dense.sum(),
+                "masked_other": (mask & other).sum(), "other": other.sum()}
 
     def rate_stats(self) -> dict[str, Tensor]:
         """Realised vs target mask rates of the priority view (rows [0, B)), as 0-d tensors (no sync).

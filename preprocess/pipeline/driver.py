@@ -40,8 +40,9 @@ from typing import Any
 from datatrove.executor import LocalPipelineExecutor
 
 from preprocess.pipeline.config import PreprocessConfig, describe_change
+from preprocess.pipeline.inputs import RunInputs, resolve_inputs
 from preprocess.pipeline.progress import write_plan_bytes
-from preprocess.pipeline.shard import RunInputs, load_tokenizer, resolve_inputs
+from preprocess.pipeline.shard import load_tokenizer
 from preprocess.pipeline.steps import (
     ShardStep,
     _MergeStep,
@@ -106,7 +107,8 @@ def is_complete(cfg: PreprocessConfig, fingerprint: str | None = None) -> bool:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False  # a damaged index is rewritten by the merge step
-    fingerprint = fingerprint or resolve_inputs(cfg).fingerprint
+    fingerprint = fingerprint or resolve_inputs(
+        cfg, load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()).fingerprint
     complete = not missing_shards(cfg.output_dir, cfg.num_shards)
     return index.get("config_fingerprint") == fingerprint and complete
 

@@ -122,6 +122,8 @@ def summary_table(index: dict[str, Any], wall_s: float | None = None,
     """The folder's table; with ``wall_s``/``timings`` (a run), a line about the work of this run."""
     from rich.table import Table
 
+    from preprocess.rho_stats import budget_line
+
     t = Table(title=f"{index['num_samples']:,} samples, {index['num_tokens']:,} tokens in "
                     f"{index['num_shards']} shards ({index['token_dtype']}); extractor "
                     f"{index['extractor']['name']} v{index['extractor']['version']}")
@@ -146,6 +148,8 @@ def summary_table(index: dict[str, Any], wall_s: float | None = None,
                f"rejects: {rejects}",
                f"extractor status: {status}; unmatched spans: {index['unmatched_spans']}",
                f"alignment: {align}"]
+    if budget := budget_line(index):
+        caption.append(budget)
     if wall_s is not None:
         caption.append(_this_run(index, wall_s, timings or []))
     t.caption = "\n".join(caption)

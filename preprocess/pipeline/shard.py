@@ -13,7 +13,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from preprocess.align import (
     mark_overlaps,
     spans_to_arrays,
 )
+from preprocess.budget import budget_tokens, trim_to_budget
 from preprocess.extractors.base import (
     SpanError,
     extract_input,
@@ -37,16 +38,15 @@ from preprocess.extractors.base import (
     validate_spans,
 )
 from preprocess.extractors.registry import get_extractor
-from preprocess.pipeline.config import PreprocessConfig, RejectError, fingerprint_parts, output_fingerprint
+from preprocess.pipeline.config import PreprocessConfig, RejectError
+from preprocess.pipeline.inputs import RunInputs
 from preprocess.records import (
     INVALID_SPANS,
     TOO_LONG,
     ReadStats,
     Record,
     Reject,
-    Source,
     Unit,
-    expand_inputs,
     iter_records,
 )
 from preprocess.shards import (
@@ -57,7 +57,6 @@ from preprocess.shards import (
     DomainCounts,
     ShardWriter,
 )
-from preprocess.splits import plan_shards
 
 CRASH_ENV = "DM_PREPROCESS_CRASH_AFTER"  # test hook: "<shard>:<samples>" -> os._exit(137) mid-shard
 
@@ -72,32 +71,6 @@ def _batched(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
 def load_tokenizer(name_or_path: str, use_chat_template: bool) -> TokenizerBundle:
     """One tokenizer per process and setting: worker processes run several shard tasks each."""
     return TokenizerBundle(name_or_path, use_chat_template)
-
-
-@dataclass
-class RunInputs:
-    """What every shard task of one run shares, resolved once by the driver: the sources, the
-    itemised fingerprint and (``plan``, computed only when shards are to be built) the units of
-    every shard (``preprocess.splits``)."""
-
-    sources: list[Source]
-    parts: dict[str, Any]
-    fingerprint: str
-    plan: list[list[Unit]] | None = None
-
-    def with_plan(self, num_shards: int) -> RunInputs:
-        if self.plan is None:
-            self.plan = plan_shards(self.sources, num_shards)
-        return self
-
-
-def resolve_inputs(cfg: PreprocessConfig, spec: TokenizerSpec | None = None) -> RunInputs:
-    """Expand the inputs and fingerprint them with the settings, tokenizer and extractor."""
-    spec = spec or load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()
-    ex = get_extractor(cfg.extractor, **cfg.extractor_options)
-    sources = expand_inputs(cfg.inputs, cfg.hf_split)
-    parts = fingerprint_parts(cfg, sources, spec.fingerprint(), (ex.name, ex.version))
-    return RunInputs(sources, parts, output_fingerprint(parts))
 
 
 PROGRESS_EVERY_S = 0.5
@@ -122,6 +95,7 @@ class ShardJob:
         self.unmatched_spans = 0
         self.read = ReadStats()
         self.fractions = {d: fraction_for(cfg.fractions, d) for d in Domain}
+        self.max_rho = {d: cfg.max_rho[d.name.lower()] for d in Domain if d.name.lower() in cfg.max_rho}
         bos = self.tok.bos_id
         # BOS only where no chat template is actually applied (asked for AND present); evaluation's
         # encode_prompts follows the same rule (tests/test_generate.py pins the parity).
@@ -251,6 +225,9 @@ class ShardJob:
         if with_spans:
             dense_pos = self.align_batch(recs, keep, spans, encs, n_rec, with_spans, tokens, starts + p_len,
                                          r_len)
+            if self.max_rho:
+                dense_pos = self.apply_budget(recs, keep, spans, encs, n_rec, tokens, starts + p_len, r_len,
+                                              sample_of, dense_pos)
             flags[dense_pos] |= FLAG_INFO_DENSE
             n_dense = np.bincount(sample_of[dense_pos], minlength=len(keep))
         domains = [int(recs[i].domain) for i in keep]
@@ -355,6 +332,33 @@ class ShardJob:
             self.alignment[res.method] += 1
             out.append(a + np.flatnonzero(res.dense))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def apply_budget(self, recs: list[Record], keep: list[int], spans: list[list], encs: list, n_rec: int,
+                     tokens: np.ndarray, r_start: np.ndarray, r_len: np.ndarray, sample_of: np.ndarray,
+                     dense_pos: np.ndarray) -> np.ndarray:
+        """``dense_pos`` with every sample over its domain's rho budget trimmed to it (lowest-scoring
+        spans dropped, ``preprocess.budget``), counted per domain; samples within it are untouched."""
+        n_dense = np.bincount(sample_of[dense_pos], minlength=len(keep))
+        trimmed = np.zeros(len(keep), dtype=bool)
+        new: list[np.ndarray] = []
+        for k in np.flatnonzero(n_dense).tolist():
+            i = keep[k]
+            rho = self.max_rho.get(recs[i].domain)
+            budget = 0 if rho is None else budget_tokens(rho, int(r_len[k]) + 1)
+            if rho is None or n_dense[k] <= budget:
+                continue
+            a, n = int(r_start[k]), int(r_len[k])
+            t = trim_to_budget(tokens[a:a + n], encs[n_rec + i].offsets, recs[i].response, spans[i],
+                               self.tok.byte_table, budget)
+            trimmed[k] = True
+            new.append(a + np.flatnonzero(t.dense))
+            d = self.domains.setdefault(int(recs[i].domain), DomainCounts())
+            d.budget_samples += 1
+            d.budget_dropped_spans += t.dropped_spans
+            d.budget_dropped_tokens += t.dropped_tokens
+        if not new:
+            return dense_pos
+        return np.concatenate([dense_pos[~trimmed[sample_of[dense_pos]]], *new])
 
     def manifest_extra(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,8 @@ from loguru import logger
 from preprocess.align import TokenizerSpec
 from preprocess.extractors.base import ExtractorError
 from preprocess.pipeline.config import PreprocessConfig, RejectError, ShardTaskError
-from preprocess.pipeline.shard import RunInputs, ShardJob, load_tokenizer, resolve_inputs
+from preprocess.pipeline.inputs import RunInputs, resolve_inputs
+from preprocess.pipeline.shard import ShardJob, load_tokenizer
 from preprocess.shards import (
     clean_partial,
     read_manifest,

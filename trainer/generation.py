@@ -1,6 +1,6 @@
 """Semi-autoregressive block decoding for masked diffusion LMs (LLaDA / LLaDA2 style).
 
-The answer is written block by block (``block_length`` tokens, 32 in the paper).  Inside the
+The answer is written block by block (``block_size`` tokens, ``trainer.masking.BLOCK_SIZE``).  Inside the
 current block every position starts as ``<|mask|>``; each denoising step runs the model once,
 predicts all masked positions and *accepts* some of them:
 
@@ -15,7 +15,7 @@ Attention is block-causal: a block sees itself both ways and every earlier block
 one, as in training (``trainer.attention``); finished blocks are therefore never revisited.
 
 Prompt placement (why it is done this way).  Training packs ``prompt + response`` from position 0
-and cuts it into blocks at multiples of ``block_length``, so the block holding the end of the
+and cuts it into blocks at multiples of ``block_size``, so the block holding the end of the
 prompt holds the start of the answer too.  We keep exactly that geometry per sample: the prompt's
 last, partial block is the first block being decoded (its prompt tokens are fixed, only the rest
 is masked), just like LLaDA2's reference.  To decode a batch of prompts of different lengths in
@@ -42,7 +42,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from trainer.modeling import MASK_STYLE, call_model, family_of
+from trainer.families import LAYOUTS
+from trainer.masking import BLOCK_SIZE
+from trainer.modeling import call_model, family_of
 
 REMASKING = ("threshold", "low_confidence")
 # End-of-turn tokens of common chat templates: a chat model ends its answer with one of these.
@@ -57,7 +59,7 @@ class DecodeConfig:
 
     gen_length: int = 512
     """Maximum number of new tokens per sample."""
-    block_length: int = 32
+    block_size: int = BLOCK_SIZE
     """Tokens per block; must equal the block size the model was trained with."""
     steps_per_block: int = 32
     """Denoising steps (model calls) per block at most."""
@@ -67,11 +69,15 @@ class DecodeConfig:
     """Confidence above which a token is accepted at once (``remasking='threshold'``)."""
     remasking: str = "threshold"
     """``threshold`` (LLaDA2) or ``low_confidence`` (LLaDA)."""
+    layout: str = "block"
+    """The attention the model was trained with (``objective.layout``): 'block' decodes with the
+    block-causal mask (a block sees itself and earlier blocks), 'full' lets every position see the
+    whole canvas, later still-masked blocks included (LLaDA v1 and Dream decode that way)."""
     kv_cache: bool = False
-    """Keep finished blocks' keys/values instead of re-running the prefix each step."""
+    """Keep finished blocks' keys/values instead of re-running the prefix each step ('block' only)."""
 
     def __post_init__(self) -> None:
-        for name in ("gen_length", "block_length", "steps_per_block"):
+        for name in ("gen_length", "block_size", "steps_per_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DecodeConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature < 0:
@@ -80,6 +86,11 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.threshold must be in [0, 1], got {self.threshold}")
         if self.remasking not in REMASKING:
             raise ValueError(f"DecodeConfig.remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"DecodeConfig.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.kv_cache and self.layout != "block":
+            raise ValueError("DecodeConfig.kv_cache needs layout 'block' (with full attention finished "
+                             "blocks see later ones, so their keys/values keep changing)")
 
 
 def transfer_schedule(masked_counts: torch.Tensor, steps: int) -> torch.Tensor:
@@ -176,21 +187,29 @@ def block_causal_mask(valid: torch.Tensor, block: int) -> torch.Tensor:
     return allowed[:, None]
 
 
+def full_canvas_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[b, T] validity -> [b, 1, T, T] bool: every query sees every valid key ('full' layout).
+
+    Padding queries attend to themselves only, so no softmax row is empty (SDPA would give NaN).
+    """
+    t = valid.shape[1]
+    allowed = valid[:, None, :].expand(-1, t, -1) | torch.eye(t, dtype=torch.bool, device=valid.device)[None]
+    return allowed[:, None]
+
+
 def supports_kv_cache(model: torch.nn.Module) -> bool:
-    """True for models that take a boolean 4-D mask and a transformers ``cache`` argument: the
-    built-in default and transformers-native classes (remote-code families keep the no-cache path)."""
-    native = type(model).__module__.startswith("transformers.") or family_of(model) == "tiny_dllm"
-    return native and MASK_STYLE.get(family_of(model), "bool") == "bool"
+    """Whether the model's family may decode with a KV cache (:attr:`trainer.families.Family.kv_cache`)."""
+    return family_of(model).kv_cache
 
 
-def _forward(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
-             cache: DynamicCache | None) -> torch.Tensor:
-    if cache is None:
-        return call_model(model, input_ids=ids, attention_mask=mask, position_ids=pos)
-    # The cache path needs ``cache``, which ``call_model`` does not take; it is only
-    # allowed for boolean-mask families (checked in ``generate_ids``), so the mask passes as is.
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-    return out.logits
+def check_decoding(model: torch.nn.Module, cfg: DecodeConfig) -> None:
+    """Refuse a layout or KV cache the model's family cannot decode correctly, naming the setting."""
+    fam = family_of(model)
+    fam.check_layout(cfg.layout, "decoding")
+    if cfg.kv_cache and not fam.kv_cache:
+        raise ValueError(f"kv_cache: not supported for {fam.model_type} (its logit i predicts token i+1, "
+                         f"so a block's first token comes from the previous block's last position, which "
+                         f"the cached step does not recompute); use kv_cache=False")
 
 
 @torch.no_grad()
@@ -203,14 +222,13 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: 
     ``on_step(canvas [b, T], rows [r], block_start, block_end)`` is called after every denoising step
     with the full canvas (for instrumentation and tests: tokens may only appear in the current block).
     """
-    if cfg.kv_cache and not supports_kv_cache(model):
-        raise ValueError(f"kv_cache=True needs a transformers-native model taking a boolean 4-D mask and a "
-                         f"cache; {type(model).__name__} ({family_of(model)!r}) is not: use kv_cache=False")
+    check_decoding(model, cfg)
     device = next(model.parameters()).device
-    blk = cfg.block_length
+    blk = cfg.block_size
     canvas = _layout(prompts, cfg.gen_length, blk, mask_token_id, pad_token_id, device)
     x, valid = canvas.x, canvas.valid
-    attn = block_causal_mask(valid, blk)
+    full = cfg.layout == "full"
+    attn = full_canvas_mask(valid) if full else block_causal_mask(valid, blk)
     stops = torch.as_tensor(sorted(set(stop_token_ids)), device=device)
     sample_end = valid.long().cumsum(1).argmax(1)  # last valid column per sample
     rows = torch.arange(len(prompts), device=device)  # samples still decoding
@@ -227,8 +245,10 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: 
             if not masked.any():
                 break
             lo = cached if cache is not None else 0
-            logits = _forward(model, x[rows, lo:end], attn[rows, :, lo:end, :end],
-                              canvas.position_ids[rows, lo:end], cache)[:, -blk:]
+            hi = x.shape[1] if full else end  # 'full': later (masked) blocks are visible too
+            logits = call_model(model, input_ids=x[rows, lo:hi], attention_mask=attn[rows, :, lo:hi, :hi],
+                                position_ids=canvas.position_ids[rows, lo:hi],
+                                keep=slice(start - lo, end - lo), cache=cache)  # [r, blk, V]
             if cache is not None:
                 # Keep finished blocks only (the current one still changes); crop takes -n to drop n.
                 cache.crop(start - end)
@@ -296,18 +316,20 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], u
 
 
 def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *,
-             mask_token_id: int, eos_token_id: int, gen_length: int = 512, block_length: int = 32,
+             mask_token_id: int, eos_token_id: int, gen_length: int = 512, block_size: int = BLOCK_SIZE,
              steps_per_block: int = 32, temperature: float = 0.0, threshold: float = 0.95,
              remasking: str = "threshold", use_chat_template: bool = True, batch_size: int = 8,
-             seed: int = 0, kv_cache: bool = False, on_step: StepHook | None = None) -> list[str]:
+             seed: int = 0, layout: str = "block", kv_cache: bool = False, on_step: StepHook | None = None
+             ) -> list[str]:
     """Generate one answer per prompt (text after the prompt, cut at the first stop token).
 
     Prompts are sorted by length into batches (less padding) and answers returned in input order.
     Deterministic under ``seed`` (greedy decoding is deterministic anyway; sampling uses a seeded
     generator).
     """
-    cfg = DecodeConfig(gen_length=gen_length, block_length=block_length, steps_per_block=steps_per_block,
-                       temperature=temperature, threshold=threshold, remasking=remasking, kv_cache=kv_cache)
+    cfg = DecodeConfig(gen_length=gen_length, block_size=block_size, steps_per_block=steps_per_block,
+                       temperature=temperature, threshold=threshold, remasking=remasking, layout=layout,
+                       kv_cache=kv_cache)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
