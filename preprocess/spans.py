@@ -152,3 +152,4 @@ def _import_builtin_extractors() -> None:
     import preprocess.llm_extractor  # noqa: F401
     import preprocess.none_extractor  # noqa: F401
     import preprocess.rules  # noqa: F401
+    import tasks.chain  # noqa: F401  (the built-in task's exact spans: chain-truth)

@@ -139,20 +139,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def prepare_data(cfg: Config, rank: int) -> Path:
-    """The shard folder; preprocess the bundled sample into it first if missing (rank 0, others wait)."""
+    """The shard folder; build task.name's data into it first if missing (rank 0, others wait)."""
     path = Path(cfg.data.path)
     if not (path / "index.json").is_file():
         if not cfg.data.preprocess_if_missing:
             raise FileNotFoundError(f"data.path: {path}/index.json not found and "
                                     f"data.preprocess_if_missing is false; run `dm-preprocess` first")
         if rank == 0:
-            from preprocess.assets import SAMPLE_PATH
-            from preprocess.pipeline import PreprocessConfig, run_pipeline
+            from tasks.builtin import build_data
 
-            print(f"[train] {path} missing: preprocessing the bundled sample with the rule-based extractor",
-                  flush=True)
-            run_pipeline(PreprocessConfig(inputs=[SAMPLE_PATH], output_dir=path, extractor="rules",
-                                          workers=min(4, os.cpu_count() or 1)))
+            build_data(cfg.task, path)
     if dist.is_initialized():
         dist.barrier()
     if not (path / "index.json").is_file():
@@ -445,6 +441,8 @@ class Trainer:
         self.metrics.print(f"[train] exported HF folder {hf_dir} (AutoModelForCausalLM.from_pretrained)")
         if self.rank == 0 and cfg.train.sample_prompts:
             self.print_samples(hf_dir)
+        if self.rank == 0 and cfg.task.name == "chain" and cfg.task.eval_size:
+            self.evaluate_task(hf_dir)
         if dist.is_initialized():
             dist.barrier()
 
@@ -468,6 +466,23 @@ class Trainer:
         for s in samples:
             self.metrics.print(f"[sample] {s['prompt']}\n{s['completion']}\n")
         return texts
+
+    def evaluate_task(self, hf_dir: Path) -> dict:
+        """Held-out exact match of the built-in task, the untrained model (same seed) vs the export."""
+        from tasks.builtin import evaluate, report
+
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        templated = bool(self.dataset.index["tokenizer"].get("chat_template_used", True))
+        scores = []
+        sources = (self.cfg.model.name, hf_dir) if self.cfg.task.eval_before else (hf_dir,)
+        for source in sources:
+            bundle = load_model(source, dtype=dtype, seed=self.cfg.train.seed)
+            scores.append(evaluate(bundle.model.to(self.device), bundle.tokenizer,
+                                   mask_token_id=bundle.mask_token_id, eos_token_id=bundle.eos_token_id,
+                                   task=self.cfg.task, block_size=self.cfg.masking.block_size,
+                                   use_chat_template=templated, seed=self.cfg.train.seed))
+        before = scores[0] if self.cfg.task.eval_before else None
+        return report(before, scores[-1], self.cfg.task, self.out_dir, echo=self.metrics.print)
 
     def close(self) -> None:
         self.metrics.close()
