@@ -69,9 +69,10 @@ class Grid:
     """Optional extra evaluation per run: {command: [...], results: path, metrics: {name: dotted path}}."""
 
     def runs(self) -> list[RunSpec]:
-        """Every (configuration, seed) pair, configurations in file order, seeds inner."""
+        """Every (configuration, seed) pair: seeds outer, configurations in file order inner, so a grid
+        stopped part-way has whole seeds of every configuration rather than some configurations only."""
         return [RunSpec(label, seed, {**self.base, **own, "train.seed": seed})
-                for label, own in self.configs for seed in self.seeds]
+                for seed in self.seeds for label, own in self.configs]
 
 
 def _short(key: str) -> str:
@@ -92,7 +93,7 @@ def expand(entry: dict[str, Any]) -> list[dict[str, Any]]:
     axes = [entry[k] if isinstance(entry[k], list) else [entry[k]] for k in keys]
     for k, axis in zip(keys, axes):
         if not axis:
-            raise ValueError(f"configs: key {k!r} has an empty list of values")
+            raise ValueError(f"key {k!r} has an empty list of values")
     return [dict(zip(keys, combo)) for combo in itertools.product(*axes)]
 
 
@@ -126,7 +127,11 @@ def parse_grid(data: dict[str, Any], source: str = "grid") -> Grid:
     for i, entry in enumerate(data["configs"]):
         if not isinstance(entry, dict):
             raise ValueError(f"{source}: configs[{i}]: must be a mapping of dotted keys")
-        for own in expand(entry):
+        try:
+            expanded = expand(entry)
+        except ValueError as e:
+            raise ValueError(f"{source}: configs[{i}]: {e}") from None
+        for own in expanded:
             label = label_of(own)
             if label in seen:
                 raise ValueError(f"{source}: configs[{i}]: configuration {label!r} appears twice")

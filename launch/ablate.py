@@ -33,12 +33,15 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from evaluation.ablation import Grid, RunSpec, load_grid, summarise, write_reports  # noqa: E402
 
+DATA_KEYS = ("task.name", "task.extractor", "task.fraction", "task.train_size", "task.seed")
+"""The overrides that change what is preprocessed into data.path (trainer.config.TaskConfig)."""
+
 
 def data_dir(grid: Grid, run: RunSpec) -> str:
-    """The run's data.path: its own, or one folder per distinct task.* setting of the grid."""
+    """The run's data.path: its own, or one folder per distinct setting of the DATA_KEYS."""
     if "data.path" in run.overrides:
         return str(run.overrides["data.path"])
-    task = {k: v for k, v in sorted(run.overrides.items()) if k.startswith("task.")}
+    task = {k: v for k, v in sorted(run.overrides.items()) if k in DATA_KEYS}
     name = ",".join(f"{k[5:]}={v}" for k, v in task.items()) or "default"
     return str(grid.output / "data" / name)
 
@@ -81,6 +84,8 @@ def collect(grid: Grid, run_dir: Path) -> dict[str, float]:
 def run_one(grid: Grid, run: RunSpec) -> bool:
     """Train (and evaluate) one run; write its result.json.  False if a step failed."""
     run_dir = run.dir(grid.output)
+    if (run_dir / "result.json").is_file():  # stale (other overrides): keep it aside, start afresh
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.stale-{int(time.time())}"))
     run_dir.mkdir(parents=True, exist_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -107,12 +112,15 @@ def run_one(grid: Grid, run: RunSpec) -> bool:
 
 
 def load_results(grid: Grid) -> dict[tuple[str, int], dict[str, float]]:
-    """(label, seed) -> metrics of every finished run."""
+    """(label, seed) -> metrics of every finished run made with the grid's current overrides (a
+    result from an edited grid is stale: it is redone, and its old folder is archived first)."""
     out = {}
     for run in grid.runs():
         path = run.dir(grid.output) / "result.json"
         if path.is_file():
-            out[(run.label, run.seed)] = json.loads(path.read_text(encoding="utf-8"))["metrics"]
+            result = json.loads(path.read_text(encoding="utf-8"))
+            if result.get("overrides") == json.loads(json.dumps(run.overrides)):
+                out[(run.label, run.seed)] = result["metrics"]
     return out
 
 

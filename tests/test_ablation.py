@@ -37,7 +37,7 @@ def test_expansion_is_the_cartesian_product_in_file_order():
     runs = g.runs()
     assert len(runs) == 15 and runs[0].overrides == {"train.max_steps": 5, "masking.mode": "uniform",
                                                      "masking.complementary": False, "train.seed": 0}
-    assert [r.seed for r in runs[:3]] == [0, 1, 2]
+    assert [r.seed for r in runs[4:7]] == [0, 1, 1] and runs[5].label == runs[0].label
     assert label_of({}) == "base"
 
 
@@ -73,7 +73,7 @@ def test_summary_table_and_plot_skip_missing_runs(tmp_path):
     assert rows[1]["n"] == 0 and rows[1]["metrics"] == {}
     paths = write_reports(g, rows, tmp_path / "results")
     md = (tmp_path / "results.md").read_text()
-    assert "| `mode=uniform,complementary=false` | 2 | 0.200 ± 0.898 |" in md
+    assert "| `mode=uniform,complementary=false` | 2 | 0.200 ± 1.271 |" in md
     assert "| `mode=soft,weight=0.5,complementary=true` | 0 | — |" in md
     assert json.loads((tmp_path / "results.json").read_text())["rows"][3]["metrics"]["acc"]["ci95"] is None
     assert tmp_path / "results.png" in paths
@@ -88,8 +88,10 @@ def test_resume_skips_finished_runs(tmp_path):
     first = g.runs()[0]
     d = first.dir(tmp_path)
     d.mkdir(parents=True)
-    (d / "result.json").write_text(json.dumps({"metrics": {"acc": 0.25}}))
+    (d / "result.json").write_text(json.dumps({"overrides": first.overrides, "metrics": {"acc": 0.25}}))
     assert ablate.load_results(g) == {(first.label, 0): {"acc": 0.25}}
+    g.base = {"train.max_steps": 7}  # the grid was edited: the old result no longer counts
+    assert ablate.load_results(g) == {}
     cmd = ablate.train_command(g, g.runs()[1])
     assert cmd[cmd.index("--masking.complementary") + 1] == "false"
     assert cmd[cmd.index("--data.path") + 1] == str(tmp_path / "data" / "default")
