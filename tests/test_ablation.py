@@ -92,7 +92,7 @@ def test_resume_skips_finished_runs(tmp_path):
     assert ablate.load_results(g) == {(first.label, 0): {"acc": 0.25}}
     g.base = {"train.max_steps": 7}  # the grid was edited: the old result no longer counts
     assert ablate.load_results(g) == {}
-    cmd = ablate.train_command(g, g.runs()[1])
+    cmd = ablate.train_command(g, g.runs()[0])
     assert cmd[cmd.index("--masking.complementary") + 1] == "false"
     assert cmd[cmd.index("--data.path") + 1] == str(tmp_path / "data" / "default")
 
