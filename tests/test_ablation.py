@@ -110,7 +110,7 @@ def test_smoke_grid_two_configs_one_seed(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     cmd = [sys.executable, str(REPO / "launch/ablate.py"), str(path)]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads((tmp_path / "grid/results.json").read_text())["rows"]
     assert [r["n"] for r in rows] == [1, 1]
