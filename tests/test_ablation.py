@@ -102,7 +102,8 @@ def test_smoke_grid_two_configs_one_seed(tmp_path):
     """CI's smoke grid: 2 configurations x 1 seed, a few steps each, through the real trainer."""
     grid = {"output": str(tmp_path / "grid"), "seeds": [0],
             "base": {"train.max_steps": 2, "train.micro_batch_size": 2, "train.log_every": 1,
-                     "train.save_every": 0, "task.train_size": 32, "task.eval_size": 4, "task.show": 1,
+                     "train.save_every": 0, "task.train_size": 32, "task.eval_size": 2, "task.show": 1,
+                     "task.eval_before": False,
                      "checkpoint.export_hf": True, "metrics.tensorboard": False},
             "configs": [{"masking.mode": "uniform", "masking.complementary": False},
                         {"masking.mode": "soft", "masking.weight": 2}],
