@@ -16,7 +16,7 @@ README_MAX_BYTES = 12 * 1024
 # set is emptied and the links are checked like any other).
 PENDING: set[str] = set()
 
-PACKAGES = ("preprocess", "trainer", "evaluation", "launch")
+PACKAGES = ("preprocess", "trainer", "evaluation", "tasks", "launch")
 TOP_DIRS = PACKAGES + ("ds_configs", "benchmarks", "tests", "docs")
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _INLINE = re.compile(r"`([^`\n]+)`")

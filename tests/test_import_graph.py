@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("preprocess", "trainer", "evaluation", "launch")
+PACKAGES = ("preprocess", "trainer", "evaluation", "tasks", "launch")
 
 # Set to False once the trainer no longer imports evaluation/ or the preprocessing pipeline and
 # trainer/config.py <-> config_io.py no longer import each other.
@@ -47,7 +47,9 @@ PACKAGE_RULES: dict[str, set[str]] = {
     "preprocess": set(),
     "trainer": {"preprocess"},
     "evaluation": {"trainer", "preprocess"},
-    "launch": {"preprocess", "trainer", "evaluation"},
+    # built-in tasks: data through the preprocessor, scored with the trainer's decoding
+    "tasks": {"trainer", "preprocess"},
+    "launch": {"preprocess", "trainer", "evaluation", "tasks"},
 }
 TRAINER_MAY_IMPORT = ("preprocess.shards", "preprocess.assets")
 # The one stated exception to "preprocess imports nothing above it": the model-confidence extractor
