@@ -26,6 +26,11 @@ PAPER_RHO: dict[Domain, float] = {Domain.CODE: 0.25, Domain.MATH: 0.31}
 target and the default share of the ``confidence`` extractor."""
 
 
+class ExtractorError(RuntimeError):
+    """The extractor cannot go on (bad credentials, failure budget spent, ...): the run stops with
+    this one-line message instead of writing samples without spans."""
+
+
 class SpanError(ValueError):
     """A span that does not fit the response it claims to come from."""
 

@@ -115,6 +115,9 @@ class ShardJob:
         try:
             for batch in _batched(self.records(), self.cfg.batch_size):
                 self.process_batch(writer, batch)
+            check = getattr(self.extractor, "check_publishable", None)
+            if check is not None:  # e.g. the LLM extractor's failure budget: raises, nothing is published
+                check()
             return writer.finish(self.manifest_extra())
         except BaseException:
             writer.abort()
