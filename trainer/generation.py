@@ -368,8 +368,9 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
              mask_token_id: int, eos_token_id: int, gen_length: int = 512, block_size: int = BLOCK_SIZE,
              steps_per_block: int = 32, temperature: float = 0.0, threshold: float = 0.95,
              remasking: str = "threshold", use_chat_template: bool = True, batch_size: int = 8,
-             seed: int = 0, layout: str = "block", kv_cache: bool = False, on_step: StepHook | None = None
-             ) -> list[str]:
+             seed: int = 0, layout: str = "block", kv_cache: bool = False,
+             editing_threshold: float | None = None, max_post_steps: int = 16,
+             min_transfer: int | None = None, on_step: StepHook | None = None) -> list[str]:
     """Generate one answer per prompt (text after the prompt, cut at the first stop token).
 
     Prompts are sorted by length into batches (less padding) and answers returned in input order.
@@ -378,7 +379,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     """
     cfg = DecodeConfig(gen_length=gen_length, block_size=block_size, steps_per_block=steps_per_block,
                        temperature=temperature, threshold=threshold, remasking=remasking, layout=layout,
-                       kv_cache=kv_cache)
+                       kv_cache=kv_cache, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
+                       min_transfer=min_transfer)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
