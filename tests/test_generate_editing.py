@@ -152,8 +152,8 @@ def test_cli_presets_and_overrides(tmp_path):
                             )["editing_threshold"] is None
     # end to end: the preset reaches the decoder and the results JSON
     rc = main(["run", "--model", "tiny", "--benchmarks", "gsm8k", "--gsm8k",
-               str(EVAL_DATA / "gsm8k_mini.jsonl"), "--limit", "1", "--gen-length", "8", "--block-size", "8", "--decoding", "llada2.1-quality",
-               "--out", str(tmp_path)])
+               str(EVAL_DATA / "gsm8k_mini.jsonl"), "--limit", "1", "--gen-length", "8", "--block-size", "8",
+               "--decoding", "llada2.1-quality", "--out", str(tmp_path)])
     assert rc == 0
     decode = json.loads(next(tmp_path.glob("*.json")).read_text())["decode"]
     assert (decode["threshold"], decode["editing_threshold"], decode["min_transfer"]) == (0.7, 0.5, 1)
