@@ -7,6 +7,7 @@
     OPENAI_API_KEY=... python benchmarks/extraction_agreement.py --extractor llm --model gpt-4o
     python benchmarks/extraction_agreement.py --extractor llm --base-url http://host:8000/v1 --model NAME
     python benchmarks/extraction_agreement.py --labels spans:extracted.parquet --field response=output
+    python benchmarks/extraction_agreement.py --max-rho code=0.25,math=0.31   # rules under a rho budget
 
 Each response is tokenized with the bundled tokenizer (``preprocess.assets``); a token is dense when
 its character range overlaps a span (``preprocess.align.align_spans``, the same alignment the
@@ -15,7 +16,9 @@ and F1 are pooled over all tokens of a group; rho is the paper's figure (§3.2),
 response of dense tokens / supervised tokens (response + EOS), for the extractor (``rho``) and for
 the labels (``rho ref``).  Rows: each domain, then each source; F1 is also shown separately on the
 calibration two thirds and on the held-out third of the set (the rules were tuned on calibration
-only).  Markdown on stdout; ``--json`` writes the numbers.
+only).  ``--max-rho`` applies the preprocessor's rho budget (``preprocess.budget``) to the
+extractor's tokens, as ``dm-preprocess run --max-rho`` does.  Markdown on stdout; ``--json`` writes
+the numbers.
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ sys.path.insert(0, str(REPO))
 from benchmarks.agreement_labels import AGREEMENT_SET, SPANS_FIELDS, Labelled, read_labels  # noqa: E402
 from preprocess.align import align_spans, byte_length_table  # noqa: E402
 from preprocess.assets import TOKENIZER_DIR  # noqa: E402
-from preprocess.extractors.base import PAPER_RHO, ExtractInput, ExtractResult, Span  # noqa: E402
+from preprocess.budget import budget_tokens, trim_to_budget  # noqa: E402
+from preprocess.extractors.base import (  # noqa: E402
+    PAPER_RHO,
+    ExtractInput,
+    ExtractResult,
+    Span,
+    fraction_for,
+    parse_fractions,
+)
 from preprocess.extractors.registry import get_extractor  # noqa: E402
 from preprocess.shards import Domain  # noqa: E402
 
@@ -73,10 +84,19 @@ class Tokens:
         self.tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
         self.table = byte_length_table(self.tok.backend_tokenizer)
 
-    def flags(self, texts: Sequence[str], spans: Sequence[Sequence[Span]]) -> list[np.ndarray]:
+    def flags(self, texts: Sequence[str], spans: Sequence[Sequence[Span]],
+              max_rho: Sequence[float] | None = None) -> list[np.ndarray]:
+        """Dense flag per response token; with ``max_rho`` (per text) under that rho budget."""
         enc = self.tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
-        return [align_spans(np.asarray(ids, dtype=np.int64), off, text, list(sp), self.table).dense
-                for ids, off, text, sp in zip(enc["input_ids"], enc["offset_mapping"], texts, spans)]
+        out = []
+        for k, (ids, off, text, sp) in enumerate(zip(enc["input_ids"], enc["offset_mapping"], texts, spans)):
+            ids = np.asarray(ids, dtype=np.int64)
+            if max_rho is None or max_rho[k] >= 1.0:
+                out.append(align_spans(ids, off, text, list(sp), self.table).dense)
+            else:  # budget over supervised tokens: the response and its EOS
+                out.append(trim_to_budget(ids, off, text, list(sp), self.table,
+                                          budget_tokens(max_rho[k], len(ids) + 1)).dense)
+        return out
 
 
 def prf(scored: Sequence[Scored]) -> tuple[float, float, float]:
@@ -125,10 +145,13 @@ def markdown(rows: Sequence[Row], title: str) -> str:
     return "\n".join(lines)
 
 
-def score(records: Sequence[Labelled], results: Sequence[ExtractResult], tokens: Tokens) -> list[Scored]:
+def score(records: Sequence[Labelled], results: Sequence[ExtractResult], tokens: Tokens,
+          max_rho: dict[str, float] | None = None) -> list[Scored]:
+    """Reference and extractor flags per record; the extractor's under the ``max_rho`` budget if given."""
     texts = [r.response for r in records]
     ref = tokens.flags(texts, [r.spans for r in records])
-    pred = tokens.flags(texts, [res.spans for res in results])
+    budget = [fraction_for(max_rho, r.domain) for r in records] if max_rho else None
+    pred = tokens.flags(texts, [res.spans for res in results], budget)
     return [Scored(rec, a, b) for rec, a, b in zip(records, ref, pred)]
 
 
@@ -157,6 +180,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--extractor", default="rules", help="rules | none | llm | confidence | any registered")
     ap.add_argument("--extractor-option", action="append", default=[], metavar="NAME=VALUE",
                     help="passed to the extractor (rules: loops=0; confidence: model=PATH, passes=4)")
+    ap.add_argument("--max-rho", default="", metavar="DOMAIN=RHO,...",
+                    help="rho budget of the extractor's marks, e.g. code=0.25,math=0.31 (as dm-preprocess)")
     ap.add_argument("--split", choices=("all", "calibration", "heldout"), default="all")
     ap.add_argument("--base-url", help="llm: OpenAI-compatible endpoint (default api.openai.com)")
     ap.add_argument("--model", default="gpt-4o", help="llm: chat model name")
@@ -177,14 +202,18 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     results = ex.extract_batch([ExtractInput(r.key, r.prompt, r.response, r.domain) for r in records])
     secs = time.perf_counter() - t0
     statuses = sorted({res.status for res in results})
-    rows = table(score(records, results, Tokens()))
+    max_rho = parse_fractions(args.max_rho, "--max-rho")
+    rows = table(score(records, results, Tokens(), max_rho))
     title = f"{ex.name} {ex.version} vs {Path(args.labels.partition(':')[2] or args.labels).name}"
+    if max_rho:
+        title += " with --max-rho " + ",".join(f"{k}={v:g}" for k, v in max_rho.items())
     print(markdown(rows, title))
     print(f"\n{len(records)} responses, extraction {secs:.1f} s, statuses {statuses}; "
           f"paper rho: code {PAPER_RHO[Domain.CODE]}, math {PAPER_RHO[Domain.MATH]}")
     if args.json:
         args.json.write_text(json.dumps({"extractor": ex.name, "version": ex.version, "labels": args.labels,
-                                         "split": args.split, "rows": [asdict(r) for r in rows]}, indent=1))
+                                         "split": args.split, "max_rho": max_rho,
+                                         "rows": [asdict(r) for r in rows]}, indent=1))
     return rows
 
 

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rules | llm | confidence | none (registered extractors)")
     r.add_argument("--extractor-option", action="append", type=_kv, default=[], metavar="K=V",
                    help="extractor option (JSON value or string); repeatable")
+    r.add_argument("--max-rho", action="append", default=[],
+                   help="rho budget per domain, e.g. code=0.25,math=0.31: keep the highest-scoring spans "
+                        "up to that share of supervised tokens (docs/extractors.md); repeatable")
     r.add_argument("--max-length", type=int, default=2048, help="reject samples with more tokens")
     r.add_argument("--num-shards", type=int, default=8,
                    help="fixed shard count (output independent of workers)")
@@ -130,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="summary of a finished folder")
     st.add_argument("path")
     st.add_argument("--rejects", type=int, default=0, help="also list the first N rejected records")
+    st.add_argument("--outliers", type=int, default=5, help="rho outliers listed per domain and kind")
+    st.add_argument("--rho-above", type=float, default=None, help="high-rho outlier threshold "
+                    "(default: twice the paper's rho of the domain)")
 
     c = sub.add_parser("cost", help="LLM extractor cost estimate, before spending anything")
     _add_input_args(c)
@@ -168,7 +174,8 @@ def config_from_args(a: argparse.Namespace) -> Any:
                          logging_dir=a.logging_dir)
     return PreprocessConfig(
         inputs=a.input, output_dir=a.output, tokenizer=a.tokenizer, extractor=a.extractor,
-        extractor_options=dict(a.extractor_option), fractions=_fractions(a), seed=a.seed,
+        extractor_options=dict(a.extractor_option), fractions=_fractions(a),
+        max_rho=parse_fractions(",".join(a.max_rho), "--max-rho"), seed=a.seed,
         max_length=a.max_length, num_shards=a.num_shards, workers=a.workers, executor=a.executor, slurm=slurm,
         strict=a.strict, use_chat_template=a.use_chat_template, fields=_fields(a), hf_split=a.hf_split,
         batch_size=a.batch_size, overwrite=a.overwrite, retry_failed=a.retry_failed)
@@ -182,6 +189,8 @@ def _peak_rss_mb() -> float:
 def summary_table(index: dict[str, Any], wall_s: float | None = None,
                   timings: list[dict[str, Any]] | None = None) -> Any:
     from rich.table import Table
+
+    from preprocess.rho_stats import budget_line
 
     t = Table(title=f"{index['num_samples']:,} samples, {index['num_tokens']:,} tokens in "
                     f"{index['num_shards']} shards ({index['token_dtype']}); extractor "
@@ -202,6 +211,8 @@ def summary_table(index: dict[str, Any], wall_s: float | None = None,
                f"rejects: {rejects}",
                f"extractor status: {status}; unmatched spans: {index['unmatched_spans']}",
                f"alignment: {align}"]
+    if budget := budget_line(index):
+        caption.append(budget)
     if wall_s is not None:
         caption.append(f"wall {wall_s:.1f} s: {index['num_samples'] / wall_s:,.0f} samples/s, "
                        f"{index['num_tokens'] / wall_s:,.0f} tokens/s; "
@@ -330,13 +341,16 @@ def cmd_stats(a: argparse.Namespace) -> int:
     from rich.console import Console
 
     from preprocess.pipeline.report import run_warnings
-    from preprocess.shards import INDEX_FILE
+    from preprocess.rho_stats import rho_report
+    from preprocess.shards import INDEX_FILE, ShardedDataset
 
     index = json.loads((Path(a.path) / INDEX_FILE).read_text(encoding="utf-8"))
     console = Console()
     console.print(summary_table(index))
     for line in run_warnings(index):
         console.print(line, style="bold red", markup=False, soft_wrap=True)
+    for part in rho_report(ShardedDataset(a.path), a.outliers, a.rho_above):
+        console.print(part)
     if a.rejects:
         shown = 0
         for shard in index["shards"]:

@@ -36,8 +36,8 @@ PREPROCESS_LAYERS: list[tuple[str, ...]] = [
     ("preprocess.extractors.rules", "preprocess.extractors.none", "preprocess.extractors.llm",
      "preprocess.extractors.confidence"),
     ("preprocess.extractors.registry",),
-    ("preprocess.align",),
-    ("preprocess.shards_verify",),
+    ("preprocess.align", "preprocess.budget"),
+    ("preprocess.shards_verify", "preprocess.rho_stats"),
     ("preprocess.pipeline",),
     ("preprocess.cli",),
 ]

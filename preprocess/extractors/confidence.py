@@ -105,7 +105,8 @@ class ConfidenceExtractor:
     def __init__(self, **options: Any) -> None:
         self.config = ConfidenceConfig(**options)
         c = self.config
-        self.version = (f"1+{c.model}+{c.score}+p{c.passes}r{c.mask_rate:g}+s{c.seed}+"
+        # 2: spans carry their loss/entropy as Span.score (the rho budget's priority)
+        self.version = (f"2+{c.model}+{c.score}+p{c.passes}r{c.mask_rate:g}+s{c.seed}+"
                         f"share{c.share_code:g},{c.share_math:g},{c.share_other:g}+L{c.max_length}"
                         + ("" if c.prompt else "+noprompt"))
         self._bundle: Any = None
@@ -226,5 +227,7 @@ def _top_spans(score: Any, count: Any, offsets: list[tuple[int, int]], share: fl
         return []
     mean = torch.where(count > 0, score / count.clamp(min=1), torch.tensor(float("-inf")))  # [n]
     order = sorted(range(n), key=lambda t: (-float(mean[t]), t))[:k]  # ties: earlier token first
-    spans = [Span(s, e, "confidence") for s, e in (offsets[t] for t in sorted(order)) if e > s]
+    # score: the token's mean loss/entropy (a merged run keeps its highest): the rho budget's priority
+    spans = [Span(offsets[t][0], offsets[t][1], "confidence", float(mean[t])) for t in sorted(order)
+             if offsets[t][1] > offsets[t][0]]
     return validate_spans(spans, text)

@@ -71,6 +71,9 @@ class PreprocessConfig:
     fractions: dict[str, float] = field(default_factory=dict)
     """Extracted share per domain name (``code``/``math``/``other``), as ``parse_fractions`` returns it;
     missing domains use 1.0."""
+    max_rho: dict[str, float] = field(default_factory=dict)
+    """rho budget per domain name (``--max-rho code=0.25,math=0.31``): the most supervised tokens a
+    sample may have marked, lowest-scoring spans dropped first (``preprocess.budget``); none when absent."""
     seed: int = 0
     """Seed of the hash-based fraction selection."""
     max_length: int = 2048
@@ -119,6 +122,7 @@ class PreprocessConfig:
             self.fractions = parse_fractions(self.fractions)
         except ValueError as e:
             raise ValueError(f"fractions: {e}") from None
+        self.max_rho = parse_fractions(self.max_rho, "max_rho")
         if isinstance(self.fields, dict):
             self.fields = FieldMap(**self.fields)
         if self.fields.domain is not None:
@@ -138,6 +142,7 @@ class PreprocessConfig:
                                   for k, v in sorted(self.extractor_options.items())
                                   if k not in self.operational_options()},
             "fractions": dict(sorted(self.fractions.items())),
+            "max_rho": dict(sorted(self.max_rho.items())),
             "seed": self.seed,
             "max_length": self.max_length,
             "num_shards": self.num_shards,
