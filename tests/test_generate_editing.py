@@ -213,14 +213,14 @@ def test_llada2_fixture_batch_and_cache(llada2):
     assert sum(n for _, n in refs) > 0
 
 
-def _rewrite(model, column: int, table: dict[int, int]):
-    """Hook: at canvas ``column`` (one unpadded prompt: column == position) the model is certain of
+def _rewrite(model, positions: int | list[int], table: dict[int, int]):
+    """Hook: at the given position(s) (one unpadded prompt: column == position) the model is certain of
     ``table[current token]``; elsewhere the random model stays far below every threshold used here."""
     def hook(_module, _args, kwargs, out):
         ids, pos, keep = kwargs["input_ids"], kwargs["position_ids"], kwargs["logits_to_keep"]
         sl = keep if isinstance(keep, slice) else slice(None)
         logits = out.logits.clone()  # [r, kept, V]
-        for r, q in (pos[:, sl] == column).nonzero().tolist():
+        for r, q in torch.isin(pos[:, sl], torch.tensor(positions)).nonzero().tolist():
             now = int(ids[r, sl][q])
             logits[r, q, table[now]] += 1e4
         out.logits = logits
@@ -271,3 +271,21 @@ def test_oscillation_stops_at_max_post_steps(tiny):
     # written a at step 1, flipped at every later step: a after an odd number of steps
     assert out[0][col - n] == (a if (masks + post) % 2 else b)
     assert _earlier_blocks_fixed(calls)
+
+
+def test_rows_end_their_blocks_independently(tiny):
+    """Two prompts whose first decoded blocks hold 6 and 3 masks, each with a token flipped forever: in
+    a batch the second sample's block is final 3 steps before the first's, and its tokens must then
+    stay as they are (the batch equals the two samples decoded alone)."""
+    ids = _ids(tiny, [PROMPTS[0], PROMPTS[2]])
+    assert [len(p) for p in ids] == [18, 13], "the masks counts below assume these prompt lengths"
+    handle = _rewrite(tiny.model, [18, 13], {MASK: 200, 200: 300, 300: 200})
+    try:
+        kw = dict(threshold=0.9, editing_threshold=0.5, max_post_steps=2, min_transfer=1)
+        batched = _decode(tiny.model.eval(), ids, **kw)
+        single = [_decode(tiny.model, [p], **kw)[0] for p in ids]
+    finally:
+        handle.remove()
+    assert batched == single
+    # 6 + 2 and 3 + 2 steps: an even count ends on 300, an odd one on 200
+    assert (batched[0][0], batched[1][0]) == (300, 200)
