@@ -12,14 +12,12 @@ predicts all masked positions and *accepts* some of them:
 The schedule spreads the block's masked tokens evenly over ``steps_per_block`` steps, so a block
 is always finished after ``steps_per_block`` steps (earlier when the threshold accepts more).
 
-LLaDA2.1 (mask-to-token plus token-to-token editing, its published ``generate``).  ``min_transfer``
-replaces the schedule by a fixed fallback: every masked token above ``threshold``, or else the
-``min_transfer`` most confident ones.  ``editing_threshold`` adds editing: in the same step, every
-already-written generated token of the current block whose top prediction is another token with
-probability above ``editing_threshold`` is replaced by it (prompt tokens never are).  A block is then
-final at the first step that starts with no mask and makes no edit, and at most ``max_post_steps``
-steps after its last mask is filled.  Each sample ends its block on its own; a finished sample's
-tokens stay fixed while the others go on (they still ride in the batch's forward, results unused).
+LLaDA2.1 (its published ``generate``): ``min_transfer`` replaces the schedule by a fixed fallback
+(every masked token above ``threshold``, else the ``min_transfer`` most confident); with
+``editing_threshold`` the same step also replaces every written, non-prompt token of the current
+block whose top prediction differs with probability above it.  A block is then final at the first
+step that starts with no mask and edits nothing, or ``max_post_steps`` steps after its last mask.
+Each sample ends its block on its own; its tokens then stay fixed while the batch goes on.
 Attention is block-causal: a block sees itself both ways and every earlier block, never a later
 one, as in training (``trainer.attention``); finished blocks are therefore never revisited.
 
