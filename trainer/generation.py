@@ -88,13 +88,11 @@ class DecodeConfig:
     kv_cache: bool = False
     """Keep finished blocks' keys/values instead of re-running the prefix each step ('block' only)."""
     editing_threshold: float | None = None
-    """LLaDA2.1 editing: replace a written, non-prompt token of the current block when the top prediction
-    differs and its probability exceeds this; None = no editing (LLaDA2.0)."""
+    """LLaDA2.1 editing: rewrite a generated token whose differing top prediction beats this; None = off."""
     max_post_steps: int = 16
     """With editing: steps allowed after a block's last mask is filled (LLaDA2.1's ``max_post_steps``)."""
     min_transfer: int | None = None
-    """Masks accepted per step at least, with no step limit (LLaDA2.1's ``num_to_transfer``); None = the
-    ``steps_per_block`` schedule (LLaDA2.0, LLaDA)."""
+    """LLaDA2.1's ``num_to_transfer``: masks accepted per step at least, no step limit; None = schedule."""
 
     def __post_init__(self) -> None:
         for name in ("gen_length", "block_size", "steps_per_block"):
