@@ -70,6 +70,20 @@ def _open(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
+def iter_jsonl(path: Path, errors: list[str]):
+    """``(where, record)`` for each non-blank line of a JSONL file (``.gz`` too); a line that is not
+    JSON adds ``"file:line: invalid JSON (...)"`` to ``errors`` and is skipped."""
+    with _open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+
+
 def _check_fields(record: object, fields: dict) -> list[str]:
     if not isinstance(record, dict):
         return [f"record is a {type(record).__name__}, expected a JSON object"]
@@ -97,33 +111,24 @@ def load_benchmark(name: str, path: str | Path, limit: int | None = None) -> lis
                                 f"under --data-dir, or pass --{name} PATH)")
     problems: list[Problem] = []
     errors: list[str] = []
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
+    for where, rec in iter_jsonl(path, errors):
+        bad = _check_fields(rec, bench.fields)
+        if bad:
+            errors.extend(f"{where}: {b}" for b in bad)
+            continue
+        if name == "mbpp" and rec["task_id"] not in MBPP_TEST_IDS:
+            continue
+        gold = None
+        if name == "gsm8k":
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                gold = scoring.gsm8k_gold(rec["answer"])
+            except ValueError as e:
+                errors.append(f"{where}: answer: {e}")
                 continue
-            bad = _check_fields(rec, bench.fields)
-            if bad:
-                errors.extend(f"{where}: {b}" for b in bad)
-                continue
-            if name == "mbpp" and rec["task_id"] not in MBPP_TEST_IDS:
-                continue
-            gold = None
-            if name == "gsm8k":
-                try:
-                    gold = scoring.gsm8k_gold(rec["answer"])
-                except ValueError as e:
-                    errors.append(f"{where}: answer: {e}")
-                    continue
-            elif name == "math500":
-                gold = rec["answer"]
-            task_id = str(rec.get("task_id", rec.get("unique_id", f"{name}/{lineno}")))
-            problems.append(Problem(name, task_id, where, prompts.PROMPTS[name](rec), rec, gold))
+        elif name == "math500":
+            gold = rec["answer"]
+        task_id = str(rec.get("task_id", rec.get("unique_id", f"{name}/{where.rpartition(':')[2]}")))
+        problems.append(Problem(name, task_id, where, prompts.PROMPTS[name](rec), rec, gold))
     if errors:
         shown = "\n  ".join(errors[:20])
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from evaluation import scoring
-from evaluation.benchmarks import BENCHMARKS, ORDER, Problem, load_benchmark, reference_completion
+from evaluation.benchmarks import BENCHMARKS, ORDER, Problem, iter_jsonl, load_benchmark, reference_completion
 from evaluation.sandbox import SandboxLimits, run_programs, sandbox_layers
 from trainer.families import LAYOUTS
 from trainer.generation import DecodeConfig, generate, supports_kv_cache
@@ -182,29 +182,20 @@ def read_completions(path: Path, problems: list[Problem]) -> tuple[list[str | No
     wanted = {p.task_id: i for i, p in enumerate(problems)}
     out: list[str | None] = [None] * len(problems)
     errors: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(rec, dict) or not isinstance(rec.get("completion"), str) \
-                    or not isinstance(rec.get("task_id"), (str, int)) or isinstance(rec.get("task_id"), bool):
-                errors.append(f"{where}: expected an object with task_id (string or integer) and completion "
-                              "(string)")
-                continue
-            i = wanted.get(str(rec["task_id"]))
-            if i is None:
-                errors.append(f"{where}: task_id: {rec['task_id']!r} is not a problem being scored "
-                              "(not in the benchmark file, or beyond --limit)")
-            elif out[i] is not None:
-                errors.append(f"{where}: task_id: {rec['task_id']!r} appears twice")
-            else:
-                out[i] = rec["completion"]
+    for where, rec in iter_jsonl(Path(path), errors):
+        if not isinstance(rec, dict) or not isinstance(rec.get("completion"), str) \
+                or not isinstance(rec.get("task_id"), (str, int)) or isinstance(rec.get("task_id"), bool):
+            errors.append(f"{where}: expected an object with task_id (string or integer) and completion "
+                          "(string)")
+            continue
+        i = wanted.get(str(rec["task_id"]))
+        if i is None:
+            errors.append(f"{where}: task_id: {rec['task_id']!r} is not a problem being scored "
+                          "(not in the benchmark file, or beyond --limit)")
+        elif out[i] is not None:
+            errors.append(f"{where}: task_id: {rec['task_id']!r} appears twice")
+        else:
+            out[i] = rec["completion"]
     return out, errors
 
 
