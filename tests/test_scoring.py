@@ -138,6 +138,9 @@ def test_mbpp_all_canonical_solutions_pass_in_the_sandbox():
     # solution-then-setup order in scoring.mbpp_program; with it all 500 pass.
     probs = load_benchmark("mbpp", SHARED / "mbpp" / "mbpp.jsonl")
     assert len(probs) == 500 and probs[0].task_id == "11" and probs[-1].task_id == "510"
-    recs = score_problems(probs, [reference_completion(p) for p in probs], LIMITS, workers=2)
+    # Task 123 computes for ~4 s on an idle core and > 10 s on a loaded 2-core machine: a generous
+    # wall clock keeps this a test of correctness, not of machine load.
+    recs = score_problems(probs, [reference_completion(p) for p in probs], SandboxLimits(timeout_s=40),
+                          workers=2)
     failed = [(r["task_id"], r["status"], r["stderr"][-200:]) for r in recs if not r["passed"]]
     assert failed == []
