@@ -178,7 +178,8 @@ def load_checkpoint(engine, root: Path, tag: str, *, generator: torch.Generator 
     if not (root / tag).is_dir():
         raise FileNotFoundError(f"{root / tag} does not exist")
     path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True, load_module_strict=not trainable_only)
+                                          load_lr_scheduler_states=True,
+                                          load_module_strict=not trainable_only)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -154,9 +154,10 @@ class Trainer:
             from trainer.lora import ADAPTER, parameter_counts
 
             trainable, total = parameter_counts(self.engine.module)
-            self.metrics.print(f"[train] LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on "
-                               f"{len(self.engine.module.peft_config[ADAPTER].target_modules)} modules: "
-                               f"{trainable:,} of {total:,} parameters train ({100 * trainable / total:.2f} %)")
+            n_modules = len(self.engine.module.peft_config[ADAPTER].target_modules)
+            self.metrics.print(f"[train] LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {n_modules} "
+                               f"modules: {trainable:,} of {total:,} parameters train "
+                               f"({100 * trainable / total:.2f} %)")
         rho = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in self.dataset.rho.items())
         self.metrics.print(f"[train] data {cfg.data.path}: {self.loader.summary()}; "

@@ -45,10 +45,10 @@ def target_modules(model: nn.Module, family: Family, cfg: LoraConfig) -> list[st
     """Full names of the linear layers to adapt: ``lora.target_modules`` or the family's defaults, plus
     the routed experts with ``lora.experts``.  A pattern matching nothing, matching a non-linear module,
     or (without ``lora.experts``) matching a routed expert is a ConfigError naming the pattern."""
-    key = "lora.target_modules" if cfg.target_modules else f"lora.target_modules (default of {family.model_type})"
+    key = "lora.target_modules" + ("" if cfg.target_modules else f" (default of {family.model_type})")
     patterns = list(cfg.target_modules or family.lora_targets)
     if not patterns:
-        raise ConfigError(f"lora.target_modules: {family.model_type} has no default; name the modules to adapt")
+        raise ConfigError(f"lora.target_modules: {family.model_type} has no default; name the modules")
     if cfg.experts:
         if not family.lora_expert_targets:
             raise ConfigError(f"lora.experts: {family.model_type} has no routed MoE experts")
@@ -67,7 +67,8 @@ def target_modules(model: nn.Module, family: Family, cfg: LoraConfig) -> list[st
                               f"(patterns match full names, e.g. {next(iter(_linear_names(modules)), '')!r})")
         for n in hit:
             if not isinstance(modules[n], nn.Linear):
-                raise ConfigError(f"{key}: {pat!r} matches {n} ({type(modules[n]).__name__}), not a linear layer")
+                raise ConfigError(f"{key}: {pat!r} matches {n} ({type(modules[n]).__name__}), "
+                                  f"not a linear layer")
             if n in experts and not cfg.experts:
                 raise ConfigError(f"{key}: {pat!r} matches the routed expert {n}; set lora.experts true to "
                                   f"adapt experts")
