@@ -204,3 +204,29 @@ def test_lora_under_zero2_and_zero3_offload(deepspeed, shards, tmp_path):
     assert "[train] LoRA r=8" in log
     _check_resume_and_checkpoint(out1, out2, 1)
     assert (out1 / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_evaluate_base_plus_adapter(tmp_path):
+    """``dm-evaluate run --model BASE --adapter DIR`` decodes what the merged export decodes."""
+    from evaluation.cli import main
+    from trainer.lora import apply_lora, export_adapter, export_merged
+
+    bundle = load_model("tiny", seed=0)  # dm-evaluate's --seed 0 builds the same base
+    model = apply_lora(bundle.model, bundle.family, LoraConfig(rank=4))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    export_adapter(model, bundle.tokenizer, tmp_path / "run" / "adapter")
+    export_merged(model, bundle.tokenizer, tmp_path / "run" / "hf")
+    gsm8k = Path(__file__).resolve().parent / "data" / "eval" / "gsm8k_mini.jsonl"
+    args = ["--benchmarks", "gsm8k", "--gsm8k", str(gsm8k), "--limit", "2", "--gen-length", "16",
+            "--block-size", "16", "--steps-per-block", "4", "--out", str(tmp_path / "eval")]
+    assert main(["run", "--model", "tiny", "--adapter", str(tmp_path / "run" / "adapter"), *args]) == 0
+    assert main(["run", "--model", str(tmp_path / "run" / "hf"), "--name", "merged", *args]) == 0
+    plus = json.loads((tmp_path / "eval" / "tiny_run.json").read_text())
+    merged = json.loads((tmp_path / "eval" / "merged.json").read_text())
+    assert plus["name"] == "tiny + run" and plus["adapter"] == str(tmp_path / "run" / "adapter")
+    gen = [[r["generation"] for r in res["benchmarks"]["gsm8k"]["records"]] for res in (plus, merged)]
+    assert gen[0] == gen[1]
