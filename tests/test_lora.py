@@ -76,7 +76,7 @@ def test_bad_targets_are_refused_naming_the_pattern():
     model, fam = bundle.model, bundle.family
     cases = [(r"model\.layers\.\d+\.nope", "matches no module"),
              (r"model\.layers\.\d+\.input_layernorm", "not a linear layer"),
-             (r".*_proj", "the routed expert model.layers.1.mlp.experts.0.down_proj; set lora.experts"),
+             (r".*_proj", "the routed expert model.layers.1.mlp.experts.0.gate_proj; set lora.experts"),
              (r"model\.layers\.(", "is not a regular expression")]
     for pattern, needle in cases:
         with pytest.raises(ConfigError, match=re.escape(needle)):
