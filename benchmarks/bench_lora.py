@@ -11,7 +11,9 @@ its own process (one rank, the DeepSpeed JSON of ``--deepspeed``, ZeRO-3 by defa
 memory is its own: on a GPU ``torch.cuda.max_memory_allocated``; on CPU the growth of the resident set
 from just before the trainer is built to its peak (``ru_maxrss``), i.e. weights, optimizer state,
 gradients and activations.  Both runs draw the same batches and masks (same seeds), so tokens/s
-compares the same work: the median step time over the measured steps after ``--warmup`` steps.
+compares the same work over the measured steps after ``--warmup`` steps; tokens per CPU-second (the
+process's CPU time, all threads) is printed too, as on a shared machine the two runs' wall clocks see
+different loads.
 """
 
 from __future__ import annotations
@@ -60,14 +62,15 @@ def child(argv: list[str], steps: int, warmup: int, out: Path) -> None:
             torch.cuda.reset_peak_memory_stats(trainer.device)
         try:
             trainer.engine.train()
-            times, tokens = [], 0
+            times, cpu_s, tokens = [], 0.0, 0
             for i in range(warmup + steps):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 st = trainer.train_step()
                 if cuda:
                     torch.cuda.synchronize(trainer.device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
+                    cpu_s += time.process_time() - c0
                     tokens += st.model_tokens
             trainable, total = parameter_counts(trainer.engine.module)
             peak = (torch.cuda.max_memory_allocated(trainer.device) if cuda
@@ -75,6 +78,7 @@ def child(argv: list[str], steps: int, warmup: int, out: Path) -> None:
             out.write_text(json.dumps({
                 "trainable": trainable, "total": total, "peak_bytes": peak,
                 "step_s": statistics.median(times), "tokens_per_s": tokens / sum(times),
+                "tokens_per_cpu_s": tokens / cpu_s,
                 "device": str(trainer.device), "memory": "max_memory_allocated" if cuda else "RSS growth"}))
         finally:
             trainer.close()
@@ -113,7 +117,8 @@ def main(argv: list[str]) -> int:
              "{:.3f}"),
             ("peak memory MiB", f["peak_bytes"] / 2**20, lo["peak_bytes"] / 2**20, "{:.1f}"),
             ("step s (median)", f["step_s"], lo["step_s"], "{:.3f}"),
-            ("tokens/s", f["tokens_per_s"], lo["tokens_per_s"], "{:.0f}")]
+            ("tokens/s", f["tokens_per_s"], lo["tokens_per_s"], "{:.0f}"),
+            ("tokens/CPU-s", f["tokens_per_cpu_s"], lo["tokens_per_cpu_s"], "{:.0f}")]
     for label, a, b, fmt in rows:
         print(f"{label:<22}{fmt.format(a):>14}{fmt.format(b):>14}{b / a if a else float('nan'):>14.3f}")
     print(json.dumps({"steps": steps, "warmup": warmup, "args": rest, "full": f, "lora": lo}, indent=1))

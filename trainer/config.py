@@ -206,7 +206,8 @@ class CheckpointConfig:
     keep_last: int = 2
     """Checkpoint tags kept in output_dir/checkpoints (older ones are deleted; 0 keeps all)."""
     export_hf: bool = True
-    """Write a save_pretrained folder (model + tokenizer) to output_dir/hf at the end."""
+    """Write a save_pretrained folder (model + tokenizer) to output_dir/hf at the end (LoRA: the adapter
+    folder output_dir/adapter, and output_dir/hf only with lora.export_merged)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "checkpoint.output_dir", "must name a folder", self.output_dir)
