@@ -24,7 +24,7 @@ from preprocess.assets import TOKENIZER_DIR
 from trainer.config import ConfigError, LoraConfig
 from trainer.families import FAMILIES
 from trainer.metrics import read_metrics
-from trainer.modeling import call_model, load_model
+from trainer.modeling import call_model, family_in, load_model
 
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="../shared/reference_models not present")
 FAMILY_TYPES = ["llada", "Dream", "llada2_moe"]
@@ -145,6 +145,7 @@ def shards(tmp_path_factory) -> Path:
 def _lora_run(ranks: int, model_type: str, shards, tmp_path, deepspeed: str = "ds_configs/zero3.json"):
     """Train 4 steps (checkpoints at 2 and 4), then resume from step 2 into another folder."""
     src = fixture(model_type)
+    family_in(src)  # registers the family's classes for the checks made in this process
     layout = FAMILIES[model_type].layouts[0]
     common = ["--deepspeed", deepspeed, "--model.name", str(src), "--model.tokenizer", str(TOKENIZER_DIR),
               "--data.path", str(shards), "--data.max_length", "64", "--masking.block_size", "8",
