@@ -403,6 +403,9 @@ class DomainCounts:
     selected_supervised_tokens: int = 0
     selected_dense_tokens: int = 0
     selected_ratio_sum: float = 0.0  # sum over selected samples of dense/supervised (paper's rho)
+    budget_samples: int = 0  # samples over their rho budget (``preprocess.budget``), trimmed to it
+    budget_dropped_spans: int = 0
+    budget_dropped_tokens: int = 0  # marked by the extractor, unmarked by the budget
 
     def add(self, other: dict[str, Any]) -> None:
         for k, v in other.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from preprocess.extractors.base import Extractor
+from preprocess.extractors.confidence import ConfidenceExtractor
 from preprocess.extractors.llm.client import LLMExtractor
 from preprocess.extractors.none import NoneExtractor
 from preprocess.extractors.rules.extractor import RuleCodeExtractor, RuleExtractor, RuleMathExtractor
@@ -20,6 +21,7 @@ EXTRACTORS: dict[str, Callable[..., Extractor]] = {
     "rules-math": RuleMathExtractor,
     "llm": LLMExtractor,
     "none": NoneExtractor,
+    "confidence": ConfidenceExtractor,
 }
 
 

@@ -56,7 +56,8 @@ class PreprocessConfig:
     """Everything that decides what is written, plus how it is executed.
 
     Output-defining fields enter ``output_fingerprint``; execution fields (workers, executor, slurm,
-    strict, batch_size) do not, so changing them never invalidates finished shards.
+    strict, batch_size, retry_failed) and the extractor's ``operational_options`` (concurrency,
+    timeouts, cache folder ...) do not, so changing them never invalidates finished shards.
     """
 
     inputs: list[str | Path]
@@ -70,6 +71,9 @@ class PreprocessConfig:
     fractions: dict[str, float] = field(default_factory=dict)
     """Extracted share per domain name (``code``/``math``/``other``), as ``parse_fractions`` returns it;
     missing domains use 1.0."""
+    max_rho: dict[str, float] = field(default_factory=dict)
+    """rho budget per domain name (``--max-rho code=0.25,math=0.31``): the most supervised tokens a
+    sample may have marked, lowest-scoring spans dropped first (``preprocess.budget``); none when absent."""
     seed: int = 0
     """Seed of the hash-based fraction selection."""
     max_length: int = 2048
@@ -92,6 +96,9 @@ class PreprocessConfig:
     """Records per tokenizer/extractor batch."""
     overwrite: bool = False
     """Delete shards made with a different configuration instead of refusing to run."""
+    retry_failed: bool = False
+    """Rebuild the finished shards that hold samples the extractor may answer on a rerun (its
+    ``retryable_statuses``, e.g. ``llm_failed``); the other shards are kept as they are."""
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, (str, Path)):
@@ -115,6 +122,7 @@ class PreprocessConfig:
             self.fractions = parse_fractions(self.fractions)
         except ValueError as e:
             raise ValueError(f"fractions: {e}") from None
+        self.max_rho = parse_fractions(self.max_rho, "max_rho")
         if isinstance(self.fields, dict):
             self.fields = FieldMap(**self.fields)
         if self.fields.domain is not None:
@@ -131,8 +139,10 @@ class PreprocessConfig:
             "tokenizer": str(self.tokenizer),
             "extractor": self.extractor,
             "extractor_options": {k: ("<redacted>" if _SECRET.search(k) else v)
-                                  for k, v in sorted(self.extractor_options.items())},
+                                  for k, v in sorted(self.extractor_options.items())
+                                  if k not in self.operational_options()},
             "fractions": dict(sorted(self.fractions.items())),
+            "max_rho": dict(sorted(self.max_rho.items())),
             "seed": self.seed,
             "max_length": self.max_length,
             "num_shards": self.num_shards,
@@ -140,6 +150,12 @@ class PreprocessConfig:
             "fields": asdict(self.fields),
             "hf_split": self.hf_split,
         }
+
+    def operational_options(self) -> frozenset[str]:
+        """Options of the extractor that do not change what it returns (declared by its class)."""
+        from preprocess.extractors.registry import EXTRACTORS
+
+        return getattr(EXTRACTORS.get(self.extractor), "operational_options", frozenset())
 
 
 # Extractor options that look like credentials never reach index.json or manifests.

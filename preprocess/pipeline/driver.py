@@ -51,6 +51,7 @@ from preprocess.shards import (
     ConfigMismatchError,
     manifest_name,
     missing_shards,
+    read_manifest,
     shard_files,
     shard_is_complete,
     shard_name,
@@ -106,6 +107,29 @@ def is_complete(cfg: PreprocessConfig, fingerprint: str | None = None) -> bool:
     return index.get("config_fingerprint") == fingerprint and complete
 
 
+def _drop_shards_to_retry(cfg: PreprocessConfig, fingerprint: str) -> None:
+    """``retry_failed``: delete the finished shards of this configuration whose manifest counts a
+    status the extractor may answer on a rerun; the run then rebuilds exactly those (the answers
+    the extractor already has come from its cache, so they are byte-identical to a clean run)."""
+    from preprocess.extractors.registry import EXTRACTORS
+
+    statuses = getattr(EXTRACTORS.get(cfg.extractor), "retryable_statuses", frozenset())
+    folder = Path(cfg.output_dir)
+    dropped = False
+    for k in range(cfg.num_shards):
+        name = shard_name(k)
+        m = read_manifest(folder, name) if shard_is_complete(folder, name) else None
+        if m is None or m.get("config_fingerprint") != fingerprint:
+            continue
+        if any(m["stats"]["extract_status"].get(st) for st in statuses):
+            (folder / manifest_name(name)).unlink()  # first: the shard stops counting as finished
+            for fname in shard_files(name).values():
+                (folder / fname).unlink(missing_ok=True)
+            dropped = True
+    if dropped:
+        (folder / INDEX_FILE).unlink(missing_ok=True)
+
+
 def _reset_stale_markers(cfg: PreprocessConfig) -> None:
     """datatrove skips ranks with a completion marker; drop markers whose shard is gone."""
     markers = cfg.logging_dir / "shards" / "completions"
@@ -125,9 +149,11 @@ def run_pipeline(cfg: PreprocessConfig) -> Path:
     folder = Path(cfg.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     fingerprint = _current_fingerprint(cfg)
-    if is_complete(cfg, fingerprint):
+    if not cfg.retry_failed and is_complete(cfg, fingerprint):
         return folder
     with _folder_lock(folder):  # e.g. several training ranks asking for the same missing cache
+        if cfg.retry_failed:
+            _drop_shards_to_retry(cfg, fingerprint)
         if is_complete(cfg, fingerprint):
             return folder
         return _run_locked(cfg, fingerprint)

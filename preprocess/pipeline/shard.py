@@ -27,6 +27,7 @@ from preprocess.align import (
     mark_overlaps,
     spans_to_arrays,
 )
+from preprocess.budget import budget_tokens, trim_to_budget
 from preprocess.extractors.base import (
     SpanError,
     extract_input,
@@ -88,6 +89,7 @@ class ShardJob:
         self.unmatched_spans = 0
         self.read = ReadStats()
         self.fractions = {d: fraction_for(cfg.fractions, d) for d in Domain}
+        self.max_rho = {d: cfg.max_rho[d.name.lower()] for d in Domain if d.name.lower() in cfg.max_rho}
         bos = self.tok.bos_id
         # BOS only where no chat template is actually applied (asked for AND present); evaluation's
         # encode_prompts follows the same rule (tests/test_generate.py pins the parity).
@@ -115,6 +117,9 @@ class ShardJob:
         try:
             for batch in _batched(self.records(), self.cfg.batch_size):
                 self.process_batch(writer, batch)
+            check = getattr(self.extractor, "check_publishable", None)
+            if check is not None:  # e.g. the LLM extractor's failure budget: raises, nothing is published
+                check()
             return writer.finish(self.manifest_extra())
         except BaseException:
             writer.abort()
@@ -192,6 +197,9 @@ class ShardJob:
         if with_spans:
             dense_pos = self.align_batch(recs, keep, spans, encs, n_rec, with_spans, tokens, starts + p_len,
                                          r_len)
+            if self.max_rho:
+                dense_pos = self.apply_budget(recs, keep, spans, encs, n_rec, tokens, starts + p_len, r_len,
+                                              sample_of, dense_pos)
             flags[dense_pos] |= FLAG_INFO_DENSE
             n_dense = np.bincount(sample_of[dense_pos], minlength=len(keep))
         domains = [int(recs[i].domain) for i in keep]
@@ -296,6 +304,33 @@ class ShardJob:
             self.alignment[res.method] += 1
             out.append(a + np.flatnonzero(res.dense))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def apply_budget(self, recs: list[Record], keep: list[int], spans: list[list], encs: list, n_rec: int,
+                     tokens: np.ndarray, r_start: np.ndarray, r_len: np.ndarray, sample_of: np.ndarray,
+                     dense_pos: np.ndarray) -> np.ndarray:
+        """``dense_pos`` with every sample over its domain's rho budget trimmed to it (lowest-scoring
+        spans dropped, ``preprocess.budget``), counted per domain; samples within it are untouched."""
+        n_dense = np.bincount(sample_of[dense_pos], minlength=len(keep))
+        trimmed = np.zeros(len(keep), dtype=bool)
+        new: list[np.ndarray] = []
+        for k in np.flatnonzero(n_dense).tolist():
+            i = keep[k]
+            rho = self.max_rho.get(recs[i].domain)
+            budget = 0 if rho is None else budget_tokens(rho, int(r_len[k]) + 1)
+            if rho is None or n_dense[k] <= budget:
+                continue
+            a, n = int(r_start[k]), int(r_len[k])
+            t = trim_to_budget(tokens[a:a + n], encs[n_rec + i].offsets, recs[i].response, spans[i],
+                               self.tok.byte_table, budget)
+            trimmed[k] = True
+            new.append(a + np.flatnonzero(t.dense))
+            d = self.domains.setdefault(int(recs[i].domain), DomainCounts())
+            d.budget_samples += 1
+            d.budget_dropped_spans += t.dropped_spans
+            d.budget_dropped_tokens += t.dropped_tokens
+        if not new:
+            return dense_pos
+        return np.concatenate([dense_pos[~trimmed[sample_of[dense_pos]]], *new])
 
     def manifest_extra(self) -> dict[str, Any]:
         plan = shard_plan(len(self.sources), self.cfg.num_shards, self.shard)

@@ -56,7 +56,8 @@ def process_shard(cfg: PreprocessConfig, shard: int, spec: TokenizerSpec | None 
     # Timings and memory are not deterministic, so they go to the logs, never into the data files.
     timing = {"shard": shard, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "num_samples": manifest["num_samples"], "num_tokens": manifest["num_tokens"]}
+              "num_samples": manifest["num_samples"], "num_tokens": manifest["num_tokens"],
+              "extractor": getattr(job.extractor, "summary", dict)()}  # requests, retries, failures...
     (cfg.logging_dir / "timing").mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg.logging_dir / "timing" / f"{name}.json", timing)
     return manifest
