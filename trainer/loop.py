@@ -151,10 +151,10 @@ class Trainer:
             f"block {m.block_size} sigma U[{m.sigma_min}, {m.sigma_max}] complementary={m.complementary} | "
             f"layout {cfg.objective.layout}, attention {self.attn_backend}")
         if cfg.lora.enabled:
-            from trainer.lora import ADAPTER, parameter_counts
+            from trainer.lora import adapted_modules, parameter_counts
 
             trainable, total = parameter_counts(self.engine.module)
-            n_modules = len(self.engine.module.peft_config[ADAPTER].target_modules)
+            n_modules = len(adapted_modules(self.engine.module))
             self.metrics.print(f"[train] LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {n_modules} "
                                f"modules: {trainable:,} of {total:,} parameters train "
                                f"({100 * trainable / total:.2f} %)")

@@ -128,14 +128,19 @@ def export_adapter(model: nn.Module, tokenizer, out_dir: Path | str) -> Path | N
     return out if _rank() == 0 else None
 
 
+def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of a ``PeftModel``'s base model that carry an adapter, by name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """Collective: the base model's state dict with every adapter merged in (fp32 CPU, published names)
     on rank 0, None elsewhere; gathers one module's parameters at a time (see the module docstring)."""
-    from peft.tuners.lora import LoraLayer
-
     base = model.get_base_model()
     out: dict[str, torch.Tensor] | None = {} if _rank() == 0 else None
-    adapted = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    adapted = adapted_modules(model)
     inside = tuple(f"{n}." for n in adapted)
     for name, module in base.named_modules():
         if inside and name.startswith(inside):
