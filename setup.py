@@ -17,6 +17,10 @@ INSTALL_REQUIRES = [
     # transformers' HfDeepSpeedConfig needs it: ZeRO-3 loading partitions the weights as they load
     # (deepspeed.zero.Init inside from_pretrained), so no rank ever holds the whole model.
     "accelerate>=1.0",
+    # LoRA fine-tuning (--lora.*) and base + adapter loading for generation/evaluation: the PEFT adapter
+    # folder is what downstream tools load.  A core dependency, not an extra: it needs nothing beyond
+    # torch/transformers/accelerate, which are core already, so an extra would save no install.
+    "peft>=0.13",
     # Fast tokenizers: training the bundled tokenizer and batched encoding with offsets.
     "tokenizers>=0.21",
     # Reading HF datasets (local `save_to_disk` folders and data files) as preprocessor input.

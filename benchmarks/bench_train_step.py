@@ -3,6 +3,7 @@
     python benchmarks/bench_train_step.py                       # tiny default, 20 measured steps
     python benchmarks/bench_train_step.py --steps 50 --train.micro_batch_size 4 --data.max_length 256
     deepspeed benchmarks/bench_train_step.py --deepspeed ds_configs/zero2.json
+    python benchmarks/bench_train_step.py --lora                # LoRA vs full fine-tuning (bench_lora.py)
 
 Any trainer option (``--section.key value``) is accepted.  Each micro-batch is timed in four parts,
 with a device synchronisation between them so asynchronous GPU work is charged to the right part:
@@ -79,6 +80,10 @@ def measure(trainer, masking, layout: str, steps: int, warmup: int,
 
 
 def main(argv: list[str]) -> None:
+    if "--lora" in argv:  # LoRA against full fine-tuning: its own script, same options
+        import bench_lora
+
+        sys.exit(bench_lora.main([a for a in argv if a != "--lora"]))
     steps, warmup = 20, 3
     rest = []
     it = iter(argv)

@@ -2,6 +2,7 @@
 
     dm-evaluate run --model tiny --benchmarks gsm8k,mbpp --limit 8 --gen-length 64 --out outputs/eval
     dm-evaluate run --model runs/ours/hf --name "Ours (w=2)"    # all four benchmarks, paper settings
+    dm-evaluate run --model BASE --adapter runs/lora/adapter    # a LoRA run: base + its adapter
     dm-evaluate report outputs/eval/Original.json outputs/eval/Baseline.json outputs/eval/Ours_w_2.json
     dm-evaluate selfcheck --benchmarks gsm8k,mbpp       # reference answers must score 100 %
     dm-evaluate score --completions vllm_mbpp.jsonl --benchmark mbpp   # completions made elsewhere
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="generate + score one checkpoint; writes results JSON, table, chart")
     run.add_argument("--model", default="tiny", help="'tiny' (built-in default) or an HF model folder")
+    run.add_argument("--adapter", default=None,
+                     help="a PEFT LoRA folder (a LoRA run's <output_dir>/adapter) applied to --model")
     run.add_argument("--name", default="", help="row label in the table (default: model folder name)")
     _add_data_args(run)
     run.add_argument("--gen-length", type=int, default=512, help="max new tokens (paper: 512)")
@@ -180,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           steps_per_block=args.steps_per_block, temperature=args.temperature,
                           remasking=args.remasking, kv_cache=args.kv_cache == "on",
                           layout="block" if args.layout == "auto" else args.layout, **_decode_settings(args))
-    cfg = EvalConfig(model=args.model, name=args.name, benchmarks=args.benchmarks, paths=_paths(args),
+    cfg = EvalConfig(model=args.model, adapter=args.adapter, name=args.name, benchmarks=args.benchmarks,
+                     paths=_paths(args),
                      limit=args.limit, decode=decode, batch_size=args.batch_size, seed=args.seed,
                      use_chat_template=not args.no_chat_template, sandbox=_limits(args), workers=args.workers,
                      device=args.device, dtype=args.dtype, kv_cache_auto=args.kv_cache == "auto",

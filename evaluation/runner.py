@@ -2,8 +2,8 @@
 
 Results JSON (``format: dm-eval-results/1``)::
 
-    {"format", "name", "model", "created", "decode": {...}, "seed", "chat_template", "sandbox": {layers,
-     limits}, "environment": {...},
+    {"format", "name", "model", "adapter", "created", "decode": {...}, "seed", "chat_template",
+     "sandbox": {layers, limits}, "environment": {...},
      "benchmarks": {"gsm8k": {"title", "kind", "metric", "score" (percent), "n", "correct",
                               "generation_s", "scoring_s", "records": [
          {"task_id", "source" (file:line), "prompt", "generation", "extracted", "gold", "passed",
@@ -36,6 +36,8 @@ class EvalConfig:
 
     model: str = "tiny"
     """``tiny`` (built-in random-init default) or an HF folder / hub id (e.g. a trainer export)."""
+    adapter: str | None = None
+    """A PEFT LoRA folder (a LoRA run's ``output_dir/adapter``) merged into ``model`` as it loads."""
     name: str = ""
     """Row label in the table; defaults to the model folder's name."""
     benchmarks: tuple[str, ...] = ORDER
@@ -72,6 +74,8 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.dtype must be float32|bfloat16|float16|float64, got {self.dtype}")
         if not self.name:
             self.name = Path(str(self.model).rstrip("/")).name or str(self.model)
+            if self.adapter:  # a run's adapter folder is <run>/adapter: name the row after the run
+                self.name += f" + {Path(str(self.adapter).rstrip('/')).resolve().parent.name}"
 
 
 def training_settings(model: str | Path) -> dict:
@@ -235,9 +239,9 @@ def run_evaluation(cfg: EvalConfig, *, log=print, on_benchmark=None) -> dict:
     from trainer.modeling import load_model  # heavy import only when a model is needed
 
     problems = {name: load_benchmark(name, cfg.paths[name], cfg.limit) for name in cfg.benchmarks}
-    bundle = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
+    bundle = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed, adapter=cfg.adapter)
     model = bundle.model.to(cfg.device)
-    trained = training_settings(cfg.model)
+    trained = training_settings(cfg.adapter or cfg.model)  # either sits in its run folder
     if cfg.layout_auto:
         cfg.decode.layout = trained.get("layout", bundle.family.layouts[0])
     if cfg.kv_cache_auto:
@@ -247,7 +251,7 @@ def run_evaluation(cfg: EvalConfig, *, log=print, on_benchmark=None) -> dict:
     mismatches = setting_mismatches(trained, cfg.decode.block_size, chat)
     for m in mismatches:
         log(f"WARNING: {cfg.model}: {m}")
-    results = {"format": RESULTS_FORMAT, "name": cfg.name, "model": str(cfg.model),
+    results = {"format": RESULTS_FORMAT, "name": cfg.name, "model": str(cfg.model), "adapter": cfg.adapter,
                "family": bundle.family.model_type,
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "decode": asdict(cfg.decode), "batch_size": cfg.batch_size, "seed": cfg.seed,

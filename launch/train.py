@@ -71,14 +71,18 @@ def evaluate_task(trainer) -> dict:
 
 
 def write_samples(trainer) -> None:
-    """Decode the sample prompts with the exported model on rank 0 -> samples.json and the log."""
+    """Decode the sample prompts with the exported model (LoRA: the base + the exported adapter) on rank 0
+    -> samples.json and the log."""
     import torch
 
     from trainer.generation import generate, supports_kv_cache
     from trainer.modeling import load_model
 
     cfg = trainer.cfg
-    bundle = load_model(trainer.export_dir, dtype=torch.bfloat16 if trainer.bf16 else torch.float32)
+    dtype = torch.bfloat16 if trainer.bf16 else torch.float32
+    bundle = (load_model(cfg.model.name, tokenizer=cfg.model.tokenizer, dtype=dtype, seed=cfg.train.seed,
+                         adapter=trainer.adapter_dir)
+              if cfg.lora.enabled else load_model(trainer.export_dir, dtype=dtype))
     model = bundle.model.to(trainer.device)
     templated = bool(trainer.dataset.index["tokenizer"].get("chat_template_used", True))
     layout = cfg.objective.layout

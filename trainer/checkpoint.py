@@ -33,6 +33,7 @@ import random
 import shutil
 import signal
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,13 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator | None = None)
 
 
 def save_checkpoint(engine, cfg: CheckpointConfig, *, step: int, loader_state: dict[str, Any],
-                    generator: torch.Generator | None, extra: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank must call it.  Returns the tag folder."""
+                    generator: torch.Generator | None, extra: dict[str, Any] | None = None,
+                    trainable_only: bool = False) -> Path:
+    """Collective: every rank must call it.  Returns the tag folder.
+
+    ``trainable_only`` (LoRA): frozen parameters are left out of the module states, so the tag holds the
+    adapters, their optimizer state and ours (sampler, RNG); the frozen base is read from model.name.
+    """
     root = checkpoints_dir(cfg)
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -104,7 +110,8 @@ def save_checkpoint(engine, cfg: CheckpointConfig, *, step: int, loader_state: d
     state = {"step": step, "loader": loader_state, "rng": capture_rng(generator),
              "world_size": dist.get_world_size() if dist.is_initialized() else 1, **(extra or {})}
     torch.save(state, root / tag / STATE_FILE.format(rank=rank))
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step})
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step},
+                           exclude_frozen_parameters=trainable_only)
     if rank == 0:
         prune_checkpoints(root, cfg.keep_last)
     if dist.is_initialized():
@@ -161,12 +168,18 @@ def find_resume(cfg: CheckpointConfig) -> tuple[Path, list[str]] | None:
     return root, [tag] + [tag_for(s) for s in older if newest is None or s < newest]
 
 
-def load_checkpoint(engine, root: Path, tag: str, *, generator: torch.Generator | None) -> dict[str, Any]:
-    """Collective.  Restores DeepSpeed states and this rank's RNGs; returns our state (step, loader)."""
+def load_checkpoint(engine, root: Path, tag: str, *, generator: torch.Generator | None,
+                    trainable_only: bool = False) -> dict[str, Any]:
+    """Collective.  Restores DeepSpeed states and this rank's RNGs; returns our state (step, loader).
+
+    ``trainable_only``: the tag was saved without the frozen parameters (LoRA), so the module states
+    are loaded non-strictly (the optimizer states, which hold every trainable parameter's fp32 value, are
+    loaded as always)."""
     if not (root / tag).is_dir():
         raise FileNotFoundError(f"{root / tag} does not exist")
     path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True,
+                                          load_module_strict=not trainable_only)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -206,7 +219,7 @@ def _culprit(folder: Path, error: Exception) -> str:
 
 
 def resume(engine, root: Path, tags: list[str], *, generator: torch.Generator | None, log,
-           device: torch.device | str = "cpu") -> tuple[str, dict[str, Any]]:
+           device: torch.device | str = "cpu", trainable_only: bool = False) -> tuple[str, dict[str, Any]]:
     """Collective.  Load the first usable tag of ``tags`` on every rank -> (tag, our state).
 
     A tag any rank cannot read is skipped on all ranks (agreed with one all-reduce), with a line naming
@@ -215,7 +228,8 @@ def resume(engine, root: Path, tags: list[str], *, generator: torch.Generator | 
     failures = []
     for i, tag in enumerate(tags):
         try:
-            state, problem = load_checkpoint(engine, root, tag, generator=generator), None
+            state, problem = load_checkpoint(engine, root, tag, generator=generator,
+                                             trainable_only=trainable_only), None
         except Exception as e:  # noqa: BLE001 - any unreadable file means: try the previous checkpoint
             state, problem = None, _culprit(root / tag, e)
         flag = torch.tensor([0 if problem is None else 1], dtype=torch.int32, device=device)
@@ -291,16 +305,20 @@ def gather_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor] | None
     return out
 
 
-def export_hf(module: torch.nn.Module, tokenizer, out_dir: Path | str, *, dtype: torch.dtype = torch.float32
+def export_hf(module: torch.nn.Module, tokenizer, out_dir: Path | str, *, dtype: torch.dtype = torch.float32,
+              gather: Callable[[torch.nn.Module], dict[str, torch.Tensor] | None] = gather_state_dict
               ) -> Path | None:
     """Collective: write ``save_pretrained`` model + tokenizer to ``out_dir`` from rank 0.
+
+    ``gather`` (collective) gives the fp32 state dict to write on rank 0: the module's own, or the LoRA
+    merge (``trainer.lora.export_merged``).
 
     The built-in ``tiny_dllm`` also gets its modelling file and an ``auto_map`` so the folder loads
     with ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` even without this
     package installed; remote-code models (LLaDA, Dream) carry their own code files already.
     """
     out = Path(out_dir)
-    state = gather_state_dict(module)
+    state = gather(module)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         assert state is not None

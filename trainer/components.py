@@ -144,7 +144,8 @@ def attn_implementation_for(backend: str, requested: str | None) -> str | None:
 def load_for_training(cfg: Config, *, bf16: bool, attn_backend: str, ds_config: dict, vocab_size: int
                       ) -> ModelBundle:
     """The model to train, checked against the layout and the data; under ZeRO-3 it is partitioned while
-    it loads, and its family's MoE blocks are marked ZeRO-3 leaves."""
+    it loads, and its family's MoE blocks are marked ZeRO-3 leaves.  With ``lora.rank`` > 0 it comes back
+    frozen inside a ``peft.PeftModel`` whose adapters alone train (``trainer.lora``)."""
     zero3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
     tiny = cfg.model.name == DEFAULT_MODEL
     try:  # the family and its layouts first, from config.json alone, before any weight is read
@@ -169,6 +170,10 @@ def load_for_training(cfg: Config, *, bf16: bool, attn_backend: str, ds_config: 
                           f"with another tokenizer")
     if zero3:
         mark_z3_leaf_modules(bundle.model)
+    if cfg.lora.enabled:  # the base is frozen (and stays partitioned); only the adapters train
+        from trainer.lora import apply_lora
+
+        bundle.model = apply_lora(bundle.model, family, cfg.lora)
     return bundle
 
 

@@ -239,13 +239,50 @@ class CheckpointConfig:
     keep_last: int = 2
     """Checkpoint tags kept in output_dir/checkpoints (older ones are deleted; 0 keeps all)."""
     export_hf: bool = True
-    """Write a save_pretrained folder (model + tokenizer) to output_dir/hf at the end."""
+    """Write a save_pretrained folder (model + tokenizer) to output_dir/hf at the end (LoRA: the adapter
+    folder output_dir/adapter, and output_dir/hf only with lora.export_merged)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.output_dir), "checkpoint.output_dir", "must name a folder", self.output_dir)
         _check(bool(self.resume), "checkpoint.resume", "must be auto, never or a path", self.resume)
         _check(isinstance(self.keep_last, int) and self.keep_last >= 0, "checkpoint.keep_last",
                "must be an int >= 0", self.keep_last)
+
+
+@dataclass(kw_only=True, slots=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, through ``peft``) instead of full fine-tuning: the base weights stay frozen
+    (and partitioned under ZeRO-3), only the adapters and their optimizer state train and are saved."""
+
+    rank: int = 0
+    """Adapter rank r; 0 = full fine-tuning (no adapters).  dllm / NeMo recipes: 16."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter's update is (alpha / rank) B A."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input (training only)."""
+    target_modules: list[str] = field(default_factory=list)
+    """Regular expressions, each matched in full against module names (``model.layers.0.self_attn.q_proj``);
+    every pattern must match at least one linear layer.  Empty = the family's default
+    (``trainer.families``: attention and dense MLP projections)."""
+    experts: bool = False
+    """Also adapt the routed MoE experts (LLaDA2).  Off by default: one adapter per expert multiplies the
+    adapter count by the number of experts (256 in LLaDA2.0-mini) while each expert sees only k/E of the
+    tokens (docs/training.md)."""
+    export_merged: bool = False
+    """At the end, also write output_dir/hf: the base with the adapters merged in, in the family's
+    published layout, loadable without peft (the adapter folder output_dir/adapter is always written)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 0, "lora.rank",
+               "must be an int >= 0", self.rank)
+        _check(math.isfinite(self.alpha) and self.alpha > 0, "lora.alpha", "must be a number > 0", self.alpha)
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)", self.dropout)
+        _check(all(isinstance(t, str) and t for t in self.target_modules), "lora.target_modules",
+               "must be a list of non-empty patterns", self.target_modules)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -280,6 +317,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:

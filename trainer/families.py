@@ -20,6 +20,11 @@ take the same call (:func:`trainer.modeling.call_model`): a 4-D boolean mask (Tr
 - ``z3_leaf_modules``: class names DeepSpeed ZeRO-3 must treat as leaves (gather all their
   parameters at once): an MoE block where a rank's tokens may route to no token of some expert, so
   that expert's parameters would otherwise be fetched on some ranks and not on others (a hang).
+- ``lora_targets``: the modules LoRA adapts by default (``lora.target_modules`` empty), as regular
+  expressions matched in full against module names: every attention projection and every dense MLP
+  projection (LLaDA2's first dense layer and its shared experts, which every token passes through), as
+  the dllm / NeMo LoRA recipes do.  ``lora_expert_targets``: the routed MoE experts, added only with
+  ``lora.experts`` (docs/training.md says why they are off by default).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ class Family:
     """Block decoding may keep finished blocks' keys/values in a ``DynamicCache``."""
     z3_leaf_modules: tuple[str, ...] = ()
     """Module class names ZeRO-3 gathers as a whole (MoE blocks)."""
+    lora_targets: tuple[str, ...] = ()
+    """Default LoRA targets: full-match regexes over module names (attention + dense MLP projections)."""
+    lora_expert_targets: tuple[str, ...] = ()
+    """The routed MoE experts' projections, adapted only with ``lora.experts``."""
 
     def import_module(self) -> None:
         importlib.import_module(self.module)
@@ -70,13 +79,19 @@ class Family:
         return [by_name[n] for n in self.z3_leaf_modules]
 
 
+_LLAMA_LORA = (r"model\.layers\.\d+\.self_attn\.[qkvo]_proj", r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj")
+
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family(model_type="tiny_dllm", module="trainer.tiny_model"),
-    Family(model_type="llada", module="trainer.models.llada"),
+    Family(model_type="tiny_dllm", module="trainer.tiny_model", lora_targets=_LLAMA_LORA),
+    Family(model_type="llada", module="trainer.models.llada",
+           lora_targets=(r"model\.transformer\.blocks\.\d+\.([qkv]_proj|attn_out|ff_proj|up_proj|ff_out)",)),
     Family(model_type="Dream", module="trainer.models.dream", logit_shift=1, layouts=("full",),
-           kv_cache=False),
+           kv_cache=False, lora_targets=_LLAMA_LORA),
     Family(model_type="llada2_moe", module="trainer.models.llada2",
-           z3_leaf_modules=("LLaDA2MoeSparseMoeBlock",)),
+           z3_leaf_modules=("LLaDA2MoeSparseMoeBlock",),
+           lora_targets=(r"model\.layers\.\d+\.attention\.(query_key_value|dense)",
+                         r"model\.layers\.\d+\.mlp\.(shared_experts\.)?(gate|up|down)_proj"),
+           lora_expert_targets=(r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj",)),
 )}
 
 LAYOUT_REASONS = {

@@ -135,7 +135,7 @@ class Trainer:
                 print(msg, flush=True)
 
         tag, state = ckpt.resume(self.engine, root, tags, generator=self.generator, log=log,
-                                 device=self.device)
+                                 device=self.device, trainable_only=self.cfg.lora.enabled)
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.loader.load_state_dict(state["loader"])
@@ -150,6 +150,14 @@ class Trainer:
             f"{self.device.type} | {'bf16' if self.bf16 else 'fp32'} | masking {m.mode} w={m.weight} "
             f"block {m.block_size} sigma U[{m.sigma_min}, {m.sigma_max}] complementary={m.complementary} | "
             f"layout {cfg.objective.layout}, attention {self.attn_backend}")
+        if cfg.lora.enabled:
+            from trainer.lora import adapted_modules, parameter_counts
+
+            trainable, total = parameter_counts(self.engine.module)
+            n_modules = len(adapted_modules(self.engine.module))
+            self.metrics.print(f"[train] LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {n_modules} "
+                               f"modules: {trainable:,} of {total:,} parameters train "
+                               f"({100 * trainable / total:.2f} %)")
         rho = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
                         for k, v in self.dataset.rho.items())
         self.metrics.print(f"[train] data {cfg.data.path}: {self.loader.summary()}; "
@@ -282,11 +290,18 @@ class Trainer:
     def save(self) -> Path:
         return ckpt.save_checkpoint(self.engine, self.cfg.checkpoint, step=self.step,
                                     loader_state=self.loader.state_dict(), generator=self.generator,
-                                    extra={"tokens_seen": self.tokens_seen})
+                                    extra={"tokens_seen": self.tokens_seen},
+                                    trainable_only=self.cfg.lora.enabled)
 
     @property
     def export_dir(self) -> Path:
+        """The full model (LoRA: merged, with ``lora.export_merged``)."""
         return self.out_dir / "hf"
+
+    @property
+    def adapter_dir(self) -> Path:
+        """The PEFT adapter folder of a LoRA run."""
+        return self.out_dir / "adapter"
 
     def finish(self) -> None:
         """Final checkpoint and the HF export (collective)."""
@@ -297,7 +312,17 @@ class Trainer:
         if not cfg.checkpoint.export_hf:
             return
         dtype = torch.bfloat16 if self.bf16 else torch.float32  # the module's own precision
-        ckpt.export_hf(self.engine.module, self.bundle.tokenizer, self.export_dir, dtype=dtype)
+        if cfg.lora.enabled:
+            from trainer.lora import export_adapter, export_merged
+
+            export_adapter(self.engine.module, self.bundle.tokenizer, self.adapter_dir)
+            self.metrics.print(f"[train] exported LoRA adapter {self.adapter_dir} "
+                               f"(dm-evaluate run --model {cfg.model.name} --adapter {self.adapter_dir})")
+            if not cfg.lora.export_merged:
+                return
+            export_merged(self.engine.module, self.bundle.tokenizer, self.export_dir, dtype=dtype)
+        else:
+            ckpt.export_hf(self.engine.module, self.bundle.tokenizer, self.export_dir, dtype=dtype)
         self.metrics.print(f"[train] exported HF folder {self.export_dir} "
                            f"(AutoModelForCausalLM.from_pretrained)")
 

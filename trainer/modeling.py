@@ -63,16 +63,31 @@ def family_in(name_or_path: str | Path) -> Family:
 
 def load_model(name_or_path: str | Path, *, tokenizer: str | Path | None = None,
                dtype: torch.dtype = torch.float32, attn_implementation: str | None = None, seed: int = 0,
-               zero3_config: dict | None = None) -> ModelBundle:
+               zero3_config: dict | None = None, adapter: str | Path | None = None) -> ModelBundle:
     """Load one of our families (LLaDA, LLaDA2, Dream, an exported run) or build the tiny default.
 
     ``name_or_path == "tiny"`` builds the random-initialised default with the bundled tokenizer.
     ``zero3_config`` (a resolved ZeRO-3 DeepSpeed dict): the weights are partitioned while they load
     (transformers runs the model's construction under ``deepspeed.zero.Init`` while an
     ``HfDeepSpeedConfig`` is alive), so no rank ever holds the whole model.
+    ``adapter`` (inference): a PEFT LoRA folder (a LoRA run's ``output_dir/adapter``) merged into the
+    base weights as it loads, so the model is the family's own class, as fast as the base; the tokenizer
+    is the adapter folder's when it has one (the run saves it there), else ``tokenizer`` or the base's.
     """
     from preprocess.assets import TOKENIZER_DIR
 
+    if adapter is not None:
+        if zero3_config is not None:
+            raise ValueError("load_model: an adapter is merged for inference, not loaded under ZeRO-3")
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}/adapter_config.json not found: not a PEFT adapter folder")
+        from peft import PeftModel
+
+        own_tokenizer = (Path(adapter) / "tokenizer_config.json").is_file()
+        bundle = load_model(name_or_path, tokenizer=adapter if own_tokenizer else tokenizer, dtype=dtype,
+                            attn_implementation=attn_implementation, seed=seed)
+        bundle.model = PeftModel.from_pretrained(bundle.model, str(adapter)).merge_and_unload()
+        return bundle
     if str(name_or_path) == DEFAULT_MODEL:
         tok = AutoTokenizer.from_pretrained(tokenizer or TOKENIZER_DIR)
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
