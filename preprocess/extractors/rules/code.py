@@ -138,12 +138,7 @@ def _names(node: ast.AST) -> set[str]:
             d = _dotted(n)
             if d is not None:
                 out.add(d)
-        for name in n._fields:
-            v = getattr(n, name, None)
-            if type(v) is list:
-                stack.extend(x for x in v if isinstance(x, _AST) and type(x) not in skip)
-            elif isinstance(v, _AST) and type(v) not in skip:
-                stack.append(v)
+        _extend_children(stack, n, skip)
     return out
 
 
@@ -174,24 +169,31 @@ def drop_nested(spans: list[Span]) -> list[Span]:
     return out
 
 
-def _result_names(func: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[frozenset[str], frozenset[str]]:
+def _result_names(func: ast.FunctionDef | ast.AsyncFunctionDef,
+                  has_yield: bool) -> tuple[frozenset[str], frozenset[str]]:
     """``(returned bare, read by any return/yield)`` of ``func`` itself, not of functions nested in it.
 
     ``return result`` and ``return (s, e)`` put their names in both; ``return 1 << count`` puts
-    ``count`` in the second only.
+    ``count`` in the second only.  ``has_yield=False`` (the source has no ``yield``, so the tree has
+    no ``Yield`` expression) walks statements only: a ``return`` is always a statement.
     """
     bare: set[str] = set()
     read: set[str] = set()
     stack: list[ast.AST] = list(func.body)
     while stack:
         node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+        t = type(node)
+        if t in _SCOPE_TYPES:
             continue
-        if isinstance(node, (ast.Return, ast.Yield, ast.YieldFrom)) and node.value is not None:
+        if (t is ast.Return or t is ast.Yield or t is ast.YieldFrom) and node.value is not None:
             parts = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
             bare.update(p.id for p in parts if isinstance(p, ast.Name))
             read |= _names(node.value)
-        stack.extend(_children(node))  # leaves (names, operators) hold no return
+        if has_yield:
+            stack.extend(_children(node))  # leaves (names, operators) hold no return
+        else:
+            for name in _STMT_BODIES.get(t, ()):
+                stack.extend(getattr(node, name))
     return frozenset(bare), frozenset(read)
 
 
@@ -266,7 +268,11 @@ def _step(node: ast.AugAssign | ast.Assign) -> str | None:
 
 def _computes(value: ast.AST) -> bool:
     """Arithmetic in the value (``sum(xs) / len(xs)``, ``-m``, ``int(n ** 0.5)``), not ``[0] * n``."""
-    for n in ast.walk(value):
+    stack = [value]  # ast.walk without the generator; operators and constants hold no BinOp
+    skip = _NAMELESS_TYPES
+    while stack:
+        n = stack.pop()
+        _extend_children(stack, n, skip)
         if isinstance(n, ast.BinOp) and not _trivial(n) and not (
                 isinstance(n.op, ast.Mod) and isinstance(n.left, (ast.Constant, ast.JoinedStr))):
             return True
@@ -292,6 +298,13 @@ def _operative_call(value: ast.AST) -> bool:
 
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 _FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_SCOPE_TYPES = frozenset(_SCOPES)
+# Where statements nest (``try`` handlers and ``match`` cases hold bodies of statements too).
+_STMT_BODIES: dict[type, tuple[str, ...]] = {
+    t: tuple(f for f in ("body", "orelse", "finalbody", "handlers", "cases") if f in t._fields)
+    for t in (ast.If, ast.While, ast.For, ast.AsyncFor, ast.With, ast.AsyncWith, ast.Try, ast.ExceptHandler,
+              ast.match_case, ast.Match, getattr(ast, "TryStar", None)) if t is not None  # TryStar: 3.11+
+}
 _LEAVES = (ast.Name, ast.Constant, ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
            ast.alias, ast.JoinedStr)  # JoinedStr: f-string insides are formatting, positions unreliable <3.12
 
@@ -314,20 +327,43 @@ _NAMELESS_TYPES = frozenset(t for t in _LEAF_TYPES if not issubclass(t, (ast.Nam
 _AST = ast.AST
 
 
-def _children(node: ast.AST) -> list[ast.AST]:
-    """Child nodes to walk, in field order (the order spans are found in, which decides ties)."""
-    out: list[ast.AST] = []
-    leaf = _LEAF_TYPES
-    for name in node._fields:
-        v = getattr(node, name, None)
-        if type(v) is list:
-            out.extend(x for x in v if isinstance(x, _AST) and type(x) not in leaf)
-        elif isinstance(v, _AST) and type(v) not in leaf:
-            out.append(v)
+# Fields that never hold a node to walk: names and flags (str, int, bool), and contexts and operators
+# (leaf nodes); leaving them out of the per-type field lists saves a getattr and a test per field.
+_NON_NODE_FIELDS = frozenset({"arg", "asname", "attr", "conversion", "ctx", "id", "is_async", "kind",
+                              "kwd_attrs", "level", "module", "n", "name", "names", "op", "ops", "s",
+                              "simple", "tag", "type_comment"})
+_CHILD_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _child_fields(t: type) -> tuple[str, ...]:
+    """The fields of node type ``t`` that may hold child nodes, in field order (cached per type)."""
+    out = _CHILD_FIELDS.get(t)
+    if out is None:
+        out = _CHILD_FIELDS[t] = tuple(f for f in t._fields if f not in _NON_NODE_FIELDS)
     return out
 
 
-def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions) -> list[Span]:
+def _children(node: ast.AST) -> list[ast.AST]:
+    """Child nodes to walk, in field order (the order spans are found in, which decides ties)."""
+    out: list[ast.AST] = []
+    _extend_children(out, node, _LEAF_TYPES)
+    return out
+
+
+def _extend_children(out: list[ast.AST], node: ast.AST, skip: frozenset[type]) -> None:
+    """Append the child nodes of ``node`` whose type is not in ``skip`` to ``out``, in field order."""
+    t = type(node)
+    for name in _CHILD_FIELDS.get(t) or _child_fields(t):
+        v = getattr(node, name, None)
+        if type(v) is list:
+            for x in v:
+                if isinstance(x, _AST) and type(x) not in skip:
+                    out.append(x)
+        elif isinstance(v, _AST) and type(v) not in skip:
+            out.append(v)
+
+
+def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions, has_yield: bool) -> list[Span]:
     """One iterative pass over the tree (no per-node method dispatch: this is the hot loop).
 
     Each stack entry carries whether it is inside a loop body and the function's result names (see
@@ -340,6 +376,7 @@ def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions) -
     span = index.span
     top = _Scope(frozenset(), frozenset(), known=False)
     stack: list[tuple[ast.AST, bool, _Scope]] = [(r, False, top) for r in roots]
+    push, child_fields, leaf = stack.append, _CHILD_FIELDS, _LEAF_TYPES
     while stack:
         node, in_loop, sc = stack.pop()
         t = type(node)
@@ -389,10 +426,17 @@ def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions) -
             if o.conditions and node.guard is not None:
                 add(span(node.guard, "condition"))
         elif isinstance(node, _SCOPES):
-            inner = _Scope(*_result_names(node)) if isinstance(node, _FUNCS) else top
+            inner = _Scope(*_result_names(node, has_yield)) if isinstance(node, _FUNCS) else top
             stack.extend((c, False, inner) for c in _children(node))
             continue
-        stack.extend((c, in_loop, sc) for c in _children(node))
+        for name in child_fields.get(t) or _child_fields(t):  # _children(node), inlined: the hot loop
+            v = getattr(node, name, None)
+            if type(v) is list:
+                for x in v:
+                    if isinstance(x, _AST) and type(x) not in leaf:
+                        push((x, in_loop, sc))
+            elif isinstance(v, _AST) and type(v) not in leaf:
+                push((v, in_loop, sc))
     return [s for s in spans if s is not None]
 
 
@@ -606,7 +650,8 @@ def code_spans(
 def _collect(tree: ast.AST, code: str, first_line: int, opts: CodeRuleOptions, base: int) -> list[Span]:
     # skip the ``if 1:`` wrapper itself, it is not in the source
     roots = list(tree.body[0].body) if first_line == 2 else [tree]  # type: ignore[attr-defined]
-    spans = [_close_parens(code, s) for s in _collect_nodes(roots, LineIndex(code, first_line), opts)]
+    found = _collect_nodes(roots, LineIndex(code, first_line), opts, "yield" in code)
+    spans = [_close_parens(code, s) for s in found]
     if base:
         return [Span(s.start + base, s.end + base, s.kind) for s in spans]
     return spans
