@@ -35,7 +35,7 @@ import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
-from preprocess.extractors.base import Span
+from preprocess.extractors.base import RawSpan, Span
 
 
 @dataclass(frozen=True)  # no slots: RuleOptions inherits from both option sets
@@ -104,9 +104,6 @@ _INLINE_DOLLAR = re.compile(r"\$(?<![\\$]\$)(?![\s$])(?P<in>[^$\r\n]*?[^\s\\$])\
 def math_spans(text: str, opts: MathRuleOptions, base: int = 0) -> list[Span]:
     """Spans (shifted by ``base``) of one stretch of math prose."""
     return [Span(a, b, k) for a, b, k in math_span_tuples(text, opts, base)]
-
-
-RawSpan = tuple[int, int, str]
 
 
 def math_span_tuples(text: str, opts: MathRuleOptions, base: int = 0) -> list[RawSpan]:
