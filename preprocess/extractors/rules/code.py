@@ -42,7 +42,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-from preprocess.extractors.base import Span
+from preprocess.extractors.base import RawSpan, Span
 
 # Python's tokenizer ends a line at \r\n, \r or \n (and nothing else: not \f, \v or U+2028 that
 # str.splitlines also splits on), so line numbers from ``ast`` count exactly these.
@@ -103,13 +103,13 @@ class LineIndex:
         # a column never splits a character (lone surrogates cannot get here: ast.parse rejects them)
         return self._starts[i] + len(enc[:byte_col].decode("utf-8", errors="ignore"))
 
-    def span(self, node: ast.AST, kind: str) -> Span | None:
+    def span(self, node: ast.AST, kind: str) -> RawSpan | None:
         end_lineno = getattr(node, "end_lineno", None)
         if end_lineno is None:
             return None
         start = self.offset(node.lineno, node.col_offset)  # type: ignore[attr-defined]
         end = self.offset(end_lineno, node.end_col_offset)  # type: ignore[attr-defined]
-        return Span(start, end, kind) if end > start else None
+        return (start, end, kind) if end > start else None
 
 
 def _dotted(node: ast.AST) -> str | None:
@@ -138,12 +138,7 @@ def _names(node: ast.AST) -> set[str]:
             d = _dotted(n)
             if d is not None:
                 out.add(d)
-        for name in n._fields:
-            v = getattr(n, name, None)
-            if type(v) is list:
-                stack.extend(x for x in v if isinstance(x, _AST) and type(x) not in skip)
-            elif isinstance(v, _AST) and type(v) not in skip:
-                stack.append(v)
+        _extend_children(stack, n, skip)
     return out
 
 
@@ -162,36 +157,43 @@ def _target_base_names(target: ast.AST) -> set[str]:
     return set() if d is None else {d}
 
 
-def drop_nested(spans: list[Span]) -> list[Span]:
+def drop_nested(spans: list[RawSpan]) -> list[RawSpan]:
     """Sorted spans without those inside another one, so a merged span keeps the outer kind
     (``if a > 0 and b`` stays a condition, not the comparison it starts with); on equal ranges
     ``compare`` gives way to the more specific kind (condition, return)."""
-    out: list[Span] = []
-    for sp in sorted(spans, key=lambda x: (x.start, -x.end, x.kind == "compare")):
-        if out and sp.end <= out[-1].end and sp.start >= out[-1].start:
+    out: list[RawSpan] = []
+    for sp in sorted(spans, key=lambda x: (x[0], -x[1], x[2] == "compare")):
+        if out and sp[1] <= out[-1][1] and sp[0] >= out[-1][0]:
             continue
         out.append(sp)
     return out
 
 
-def _result_names(func: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[frozenset[str], frozenset[str]]:
+def _result_names(func: ast.FunctionDef | ast.AsyncFunctionDef,
+                  has_yield: bool) -> tuple[frozenset[str], frozenset[str]]:
     """``(returned bare, read by any return/yield)`` of ``func`` itself, not of functions nested in it.
 
     ``return result`` and ``return (s, e)`` put their names in both; ``return 1 << count`` puts
-    ``count`` in the second only.
+    ``count`` in the second only.  ``has_yield=False`` (the source has no ``yield``, so the tree has
+    no ``Yield`` expression) walks statements only: a ``return`` is always a statement.
     """
     bare: set[str] = set()
     read: set[str] = set()
     stack: list[ast.AST] = list(func.body)
     while stack:
         node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+        t = type(node)
+        if t in _SCOPE_TYPES:
             continue
-        if isinstance(node, (ast.Return, ast.Yield, ast.YieldFrom)) and node.value is not None:
+        if (t is ast.Return or t is ast.Yield or t is ast.YieldFrom) and node.value is not None:
             parts = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
             bare.update(p.id for p in parts if isinstance(p, ast.Name))
             read |= _names(node.value)
-        stack.extend(_children(node))  # leaves (names, operators) hold no return
+        if has_yield:
+            stack.extend(_children(node))  # leaves (names, operators) hold no return
+        else:
+            for name in _STMT_BODIES.get(t, ()):
+                stack.extend(getattr(node, name))
     return frozenset(bare), frozenset(read)
 
 
@@ -266,7 +268,11 @@ def _step(node: ast.AugAssign | ast.Assign) -> str | None:
 
 def _computes(value: ast.AST) -> bool:
     """Arithmetic in the value (``sum(xs) / len(xs)``, ``-m``, ``int(n ** 0.5)``), not ``[0] * n``."""
-    for n in ast.walk(value):
+    stack = [value]  # ast.walk without the generator; operators and constants hold no BinOp
+    skip = _NAMELESS_TYPES
+    while stack:
+        n = stack.pop()
+        _extend_children(stack, n, skip)
         if isinstance(n, ast.BinOp) and not _trivial(n) and not (
                 isinstance(n.op, ast.Mod) and isinstance(n.left, (ast.Constant, ast.JoinedStr))):
             return True
@@ -292,15 +298,23 @@ def _operative_call(value: ast.AST) -> bool:
 
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 _FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_SCOPE_TYPES = frozenset(_SCOPES)
+# Where statements nest (``try`` handlers and ``match`` cases hold bodies of statements too).
+_STMT_BODIES: dict[type, tuple[str, ...]] = {
+    t: tuple(f for f in ("body", "orelse", "finalbody", "handlers", "cases") if f in t._fields)
+    for t in (ast.If, ast.While, ast.For, ast.AsyncFor, ast.With, ast.AsyncWith, ast.Try, ast.ExceptHandler,
+              ast.match_case, ast.Match, getattr(ast, "TryStar", None)) if t is not None  # TryStar: 3.11+
+}
 _LEAVES = (ast.Name, ast.Constant, ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
            ast.alias, ast.JoinedStr)  # JoinedStr: f-string insides are formatting, positions unreliable <3.12
 
 
-def _leaf_types() -> frozenset[type]:
-    """Every concrete class of the ``_LEAVES`` families (``ast.Load``, ``ast.Add``, ...): node classes
-    are final, so ``type(x) in`` this set is ``isinstance(x, _LEAVES)`` at the price of one hash."""
+def _subclasses(roots: tuple[type, ...]) -> frozenset[type]:
+    """Every class of the ``roots`` families (``ast.Load``, ``ast.Add``, ... of ``ast.expr_context``,
+    ``ast.operator``): node classes are final, so ``type(x) in`` this set is ``isinstance(x, roots)``
+    at the price of one hash."""
     out: set[type] = set()
-    todo: list[type] = list(_LEAVES)
+    todo: list[type] = list(roots)
     while todo:
         t = todo.pop()
         out.add(t)
@@ -308,26 +322,57 @@ def _leaf_types() -> frozenset[type]:
     return frozenset(out)
 
 
-_LEAF_TYPES = _leaf_types()
+_LEAF_TYPES = _subclasses(_LEAVES)
 # Node types without a name below them (contexts, operators, constants, import aliases).
 _NAMELESS_TYPES = frozenset(t for t in _LEAF_TYPES if not issubclass(t, (ast.Name, ast.JoinedStr)))
 _AST = ast.AST
 
 
-def _children(node: ast.AST) -> list[ast.AST]:
-    """Child nodes to walk, in field order (the order spans are found in, which decides ties)."""
-    out: list[ast.AST] = []
-    leaf = _LEAF_TYPES
-    for name in node._fields:
-        v = getattr(node, name, None)
-        if type(v) is list:
-            out.extend(x for x in v if isinstance(x, _AST) and type(x) not in leaf)
-        elif isinstance(v, _AST) and type(v) not in leaf:
-            out.append(v)
+# Fields that never hold a node to walk: names and flags (str, int, bool), and contexts and operators
+# (leaf nodes); leaving them out of the per-type field lists saves a getattr and a test per field.
+_NON_NODE_FIELDS = frozenset({"arg", "asname", "attr", "conversion", "ctx", "id", "is_async", "kind",
+                              "kwd_attrs", "level", "module", "n", "name", "names", "op", "ops", "s",
+                              "simple", "tag", "type_comment"})
+_CHILD_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _child_fields(t: type) -> tuple[str, ...]:
+    """The fields of node type ``t`` that may hold child nodes, in field order (cached per type)."""
+    out = _CHILD_FIELDS.get(t)
+    if out is None:
+        out = _CHILD_FIELDS[t] = tuple(f for f in t._fields if f not in _NON_NODE_FIELDS)
     return out
 
 
-def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions) -> list[Span]:
+def _children(node: ast.AST) -> list[ast.AST]:
+    """Child nodes to walk, in field order (the order spans are found in, which decides ties)."""
+    out: list[ast.AST] = []
+    _extend_children(out, node, _LEAF_TYPES)
+    return out
+
+
+def _extend_children(out: list[ast.AST], node: ast.AST, skip: frozenset[type]) -> None:
+    """Append the child nodes of ``node`` whose type is not in ``skip`` to ``out``, in field order."""
+    t = type(node)
+    for name in _CHILD_FIELDS.get(t) or _child_fields(t):
+        v = getattr(node, name, None)
+        if type(v) is list:
+            for x in v:
+                if isinstance(x, _AST) and type(x) not in skip:
+                    out.append(x)
+        elif isinstance(v, _AST) and type(v) not in skip:
+            out.append(v)
+
+
+# Node types that _collect_nodes only walks through (one set lookup instead of its whole elif chain).
+_PLAIN_TYPES = _subclasses((ast.AST,)) - {
+    ast.Compare, ast.If, ast.While, ast.IfExp, ast.Assert, ast.For, ast.AsyncFor, ast.comprehension,
+    ast.Return, ast.Yield, ast.YieldFrom, ast.Expr, ast.AugAssign, ast.Assign, ast.AnnAssign,
+    ast.match_case, *_SCOPES}
+
+
+def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions,
+                   has_yield: bool) -> list[RawSpan]:
     """One iterative pass over the tree (no per-node method dispatch: this is the hot loop).
 
     Each stack entry carries whether it is inside a loop body and the function's result names (see
@@ -335,15 +380,18 @@ def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions) -
     make the def's body "in a loop").  Statement spans (``if``/``while``/``for``/``return``) start
     at their keyword, as the paper's extraction prompt marks them (``if x % 2 == 0``).
     """
-    spans: list[Span] = []
+    spans: list[RawSpan | None] = []
     add = spans.append
     span = index.span
     top = _Scope(frozenset(), frozenset(), known=False)
     stack: list[tuple[ast.AST, bool, _Scope]] = [(r, False, top) for r in roots]
+    push, child_fields, leaf, plain = stack.append, _CHILD_FIELDS, _LEAF_TYPES, _PLAIN_TYPES
     while stack:
         node, in_loop, sc = stack.pop()
         t = type(node)
-        if t is ast.Compare:
+        if t in plain:
+            pass  # most nodes (calls, names' parents, operators' parents): just walk the children
+        elif t is ast.Compare:
             if o.comparisons:
                 add(span(node, "compare"))
         elif t is ast.If or t is ast.While:
@@ -389,10 +437,17 @@ def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions) -
             if o.conditions and node.guard is not None:
                 add(span(node.guard, "condition"))
         elif isinstance(node, _SCOPES):
-            inner = _Scope(*_result_names(node)) if isinstance(node, _FUNCS) else top
+            inner = _Scope(*_result_names(node, has_yield)) if isinstance(node, _FUNCS) else top
             stack.extend((c, False, inner) for c in _children(node))
             continue
-        stack.extend((c, in_loop, sc) for c in _children(node))
+        for name in child_fields.get(t) or _child_fields(t):  # _children(node), inlined: the hot loop
+            v = getattr(node, name, None)
+            if type(v) is list:
+                for x in v:
+                    if isinstance(x, _AST) and type(x) not in leaf:
+                        push((x, in_loop, sc))
+            elif isinstance(v, _AST) and type(v) not in leaf:
+                push((v, in_loop, sc))
     return [s for s in spans if s is not None]
 
 
@@ -410,7 +465,7 @@ def _comprehension(value: ast.AST) -> ast.AST | None:
     return None
 
 
-def _element(comp: ast.AST, span, kind: str) -> Span | None:
+def _element(comp: ast.AST, span, kind: str) -> RawSpan | None:
     """Span of a comprehension's element (``key: value`` for a dict comprehension); when the element
     only names the loop variable, nothing if a filter follows (marked as a condition), else the whole
     comprehension."""
@@ -465,8 +520,8 @@ def _operative_assign(node: ast.Assign | ast.AnnAssign, in_loop: bool, sc: _Scop
     return o.return_definitions and bool(written & sc.bare)
 
 
-def _join(a: Span | None, b: Span | None) -> Span | None:
-    return Span(a.start, b.end, a.kind) if a is not None and b is not None and b.end > a.start else None
+def _join(a: RawSpan | None, b: RawSpan | None) -> RawSpan | None:
+    return (a[0], b[1], a[2]) if a is not None and b is not None and b[1] > a[0] else None
 
 
 def python_spans(code: str, opts: CodeRuleOptions, base: int = 0) -> list[Span] | None:
@@ -476,7 +531,7 @@ def python_spans(code: str, opts: CodeRuleOptions, base: int = 0) -> list[Span] 
     wrapper so that columns, and hence offsets, stay those of the original text.
     """
     tree, first_line, _ = _parse(code)
-    return None if tree is None else _collect(tree, code, first_line, opts, base)
+    return None if tree is None else [Span(*sp) for sp in _collect(tree, code, first_line, opts, base)]
 
 
 def _parse(code: str) -> tuple[ast.Module | None, int, int]:
@@ -512,14 +567,14 @@ _AUG_ASSIGN = re.compile(
 _KW_KIND = {"return": "return", "for": "loop", "foreach": "loop"}
 
 
-def regex_code_spans(code: str, opts: CodeRuleOptions, base: int = 0, python: bool = True) -> list[Span]:
+def regex_code_spans(code: str, opts: CodeRuleOptions, base: int = 0, python: bool = True) -> list[RawSpan]:
     """Line-based spans for code that ``ast`` cannot read.
 
     After a keyword, a parenthesised head (``if (a > b) {``) is taken up to its matching
     parenthesis; otherwise the rest of the line minus a trailing ``:``/``{``/``;``/``then``/``do``
     and comment (``while i < n:``, ``return a + b;``).
     """
-    out: list[Span] = []
+    out: list[RawSpan] = []
     comments = ("#",) if python else ("//", "#")  # "//" is floor division in Python
     for m in _KW_LINE.finditer(code):
         kw = m.group("kw")
@@ -553,13 +608,13 @@ def regex_code_spans(code: str, opts: CodeRuleOptions, base: int = 0, python: bo
             while end > start and code[end - 1] in " \t":
                 end -= 1
         if end > start:
-            out.append(Span(base + start, base + end, kind))
+            out.append((base + start, base + end, kind))
     if opts.assignments:
         for m in _AUG_ASSIGN.finditer(code):
             s, e = m.span("stmt")
             while e > s and code[e - 1] in " \t":
                 e -= 1
-            out.append(Span(base + s, base + e, "update"))
+            out.append((base + s, base + e, "update"))
     return out
 
 
@@ -579,7 +634,15 @@ def _matching_paren(text: str, open_at: int, limit: int) -> int | None:
 def code_spans(
     code: str, opts: CodeRuleOptions, base: int = 0, python: bool = True
 ) -> tuple[list[Span], bool]:
-    """Spans of one code block and whether it was fully understood.
+    """Spans of one code block and whether it was fully understood (see :func:`code_span_tuples`)."""
+    spans, ok = code_span_tuples(code, opts, base, python)
+    return [Span(*sp) for sp in spans], ok
+
+
+def code_span_tuples(
+    code: str, opts: CodeRuleOptions, base: int = 0, python: bool = True
+) -> tuple[list[RawSpan], bool]:
+    """Sorted ``(start, end, kind)`` spans of one code block and whether it was fully understood.
 
     ``python=False`` (a fence tagged with another language) goes straight to the line regex.
     For Python that does not parse, the lines before the reported syntax error are parsed with
@@ -592,7 +655,7 @@ def code_spans(
     if tree is not None:
         return drop_nested(_collect(tree, code, first_line, opts, base)), True
     cut = _line_start(code, err_line) if err_line > 1 else 0
-    prefix: list[Span] = []
+    prefix: list[RawSpan] = []
     if cut > 0:
         head = code[:cut]
         head_tree, head_first, _ = _parse(head)
@@ -603,20 +666,21 @@ def code_spans(
     return drop_nested(prefix + regex_code_spans(code[cut:], opts, base + cut)), False
 
 
-def _collect(tree: ast.AST, code: str, first_line: int, opts: CodeRuleOptions, base: int) -> list[Span]:
+def _collect(tree: ast.AST, code: str, first_line: int, opts: CodeRuleOptions, base: int) -> list[RawSpan]:
     # skip the ``if 1:`` wrapper itself, it is not in the source
     roots = list(tree.body[0].body) if first_line == 2 else [tree]  # type: ignore[attr-defined]
-    spans = [_close_parens(code, s) for s in _collect_nodes(roots, LineIndex(code, first_line), opts)]
+    found = _collect_nodes(roots, LineIndex(code, first_line), opts, "yield" in code)
+    spans = [_close_parens(code, s) for s in found]
     if base:
-        return [Span(s.start + base, s.end + base, s.kind) for s in spans]
+        return [(a + base, b + base, kind) for a, b, kind in spans]
     return spans
 
 
-def _close_parens(code: str, sp: Span) -> Span:
+def _close_parens(code: str, sp: RawSpan) -> RawSpan:
     """Take in the closing parentheses of a statement head (``if (a > b)``, ``while( n != 0)``): ``ast``
     ends the test inside them, which would leave the ``(`` marked and the ``)`` not."""
-    end = sp.end
-    depth = code.count("(", sp.start, end) - code.count(")", sp.start, end)
+    start, end, kind = sp
+    depth = code.count("(", start, end) - code.count(")", start, end)
     while depth > 0:
         k = end
         while k < len(code) and code[k] in " \t":
@@ -624,7 +688,7 @@ def _close_parens(code: str, sp: Span) -> Span:
         if k >= len(code) or code[k] != ")":
             break
         end, depth = k + 1, depth - 1
-    return sp if end == sp.end else Span(sp.start, end, sp.kind)
+    return sp if end == sp[1] else (start, end, kind)
 
 
 def _line_start(code: str, lineno: int) -> int:

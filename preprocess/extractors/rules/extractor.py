@@ -29,9 +29,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from preprocess.extractors.base import ExtractInput, ExtractResult, Span, SpanError
-from preprocess.extractors.rules.code import CodeRuleOptions, code_spans
-from preprocess.extractors.rules.math import MathRuleOptions, RawSpan, math_span_tuples
+from preprocess.extractors.base import ExtractInput, ExtractResult, RawSpan, Span, SpanError
+from preprocess.extractors.rules.code import CodeRuleOptions, code_span_tuples
+from preprocess.extractors.rules.math import MathRuleOptions, math_span_tuples
 from preprocess.shards import Domain
 
 RULES_VERSION = "2.1.0"  # 2.1: spans carry KIND_PRIORITY scores (same spans as 2.0.0)
@@ -163,21 +163,32 @@ def _finish(raw: list[RawSpan], text: str) -> list[Span]:
                 spans.append((a, b, kind))
         else:
             spans.append(sp)
+    if not spans:
+        return []
     spans.sort()
-    n = len(text)
-    out: list[tuple[int, int, str, float]] = []
-    for sp in spans:
-        a, b, kind = sp
-        if not (0 <= a < b <= n):
-            raise SpanError(f"span [{a}, {b}) ({kind}) outside response of length {n}")
-        prio = KIND_PRIORITY[kind]
-        if out and a <= out[-1][1]:
-            last = out[-1]
-            if b > last[1] or prio > last[3]:
-                out[-1] = (last[0], max(b, last[1]), last[2], max(prio, last[3]))
+    # merge overlapping and touching spans: the first one's kind, the highest score
+    prio_of = KIND_PRIORITY
+    out: list[Span] = []
+    it = iter(spans)
+    la, lb, lk = next(it)
+    lp = prio_of[lk]
+    for a, b, kind in it:
+        p = prio_of[kind]
+        if a <= lb:
+            if b > lb:
+                lb = b
+            if p > lp:
+                lp = p
             continue
-        out.append((a, b, kind, prio))
-    return [Span(a, b, kind, prio) for a, b, kind, prio in out]
+        out.append(Span(la, lb, lk, lp))
+        la, lb, lk, lp = a, b, kind, p
+    out.append(Span(la, lb, lk, lp))
+    # sorted by start and merged, the first span starts first and the last one ends last
+    n = len(text)
+    if spans[0][0] < 0 or lb > n:
+        a, b, kind = next(sp for sp in spans if not 0 <= sp[0] < sp[1] <= n)
+        raise SpanError(f"span [{a}, {b}) ({kind}) outside response of length {n}")
+    return out
 
 
 _TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
@@ -235,8 +246,8 @@ class RuleExtractor:
             blocks = [Block(0, len(text), "python")]  # bare code: meant as Python, failures count
         for b in blocks:
             python = b.lang in PYTHON_LANGS
-            got, ok = code_spans(text[b.start:b.end], self._code, b.start, python=python)
-            spans += [(s.start, s.end, s.kind) for s in got]
+            got, ok = code_span_tuples(text[b.start:b.end], self._code, b.start, python=python)
+            spans += got
             if not ok:
                 # an untagged fence that is not Python is most likely console output or another
                 # language (">>> f(1)", shell): not a Python parse failure

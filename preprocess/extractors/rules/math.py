@@ -35,7 +35,7 @@ import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
-from preprocess.extractors.base import Span
+from preprocess.extractors.base import RawSpan, Span
 
 
 @dataclass(frozen=True)  # no slots: RuleOptions inherits from both option sets
@@ -83,7 +83,8 @@ _EQUATION = re.compile(
     rf"(?=[\d($€£.])(?<![\d.,]){_NUM_OPERAND}{_UNIT}(?:{_OP}{_OPERAND}{_UNIT}){{1,40}}"  # left: an operator
     rf"(?:[ \t]*(?:=|≈|==)[ \t]*(?:[$€£]?{_CALC})?{_OPERAND}(?:{_OP}{_OPERAND}){{0,40}}){{1,8}}"
 )
-_CALC_RESULT = re.compile(rf"{_CALC}[$€£]?-?{_NUMBER}%?(?:[ \t]+(?!(?:{_NOT_UNITS})\b)[A-Za-z]+\b)?")
+# the result written right after an annotation, with its unit word
+_CALC_RESULT = re.compile(rf"[$€£]?-?{_NUMBER}%?(?:[ \t]+(?!(?:{_NOT_UNITS})\b)[A-Za-z]+\b)?")
 _CALC_ONLY = re.compile(_CALC)
 _HASH_ANSWER = re.compile(r"####[ \t]*(?P<ans>[^\r\n]*?)[ \t]*(?=[\r\n]|\Z)")
 _LINE_ANSWER = re.compile(r"^[ \t]*(?:A|Answer)[ \t]*:[ \t]*(?P<ans>[$€£]?-?" + _NUMBER + r"%?)", re.M)
@@ -106,21 +107,25 @@ def math_spans(text: str, opts: MathRuleOptions, base: int = 0) -> list[Span]:
     return [Span(a, b, k) for a, b, k in math_span_tuples(text, opts, base)]
 
 
-RawSpan = tuple[int, int, str]
-
-
 def math_span_tuples(text: str, opts: MathRuleOptions, base: int = 0) -> list[RawSpan]:
     """:func:`math_spans` as ``(start, end, kind)`` tuples, unsorted: the rules extractor sorts and
     merges all spans of a response at once, and plain tuples sort in C (``Span`` compares in Python)."""
     out: list[RawSpan] = []
     add = out.append
     has_calc = "<<" in text
-    calcs = [m.span() for m in _CALC_RESULT.finditer(text)] if has_calc else []
-    calc_starts = [a for a, _ in calcs]
-    equations: list[tuple[int, int]] = []
     # every annotation (with or without a result after it), once per text: equations are cut
     # around them by bisection instead of a regex scan per equation
-    cuts = [m.span() for m in _CALC_ONLY.finditer(text)] if has_calc and not opts.calc_annotations else []
+    annotations = [m.span() for m in _CALC_ONLY.finditer(text)] if has_calc else []
+    # ``(annotation start, result end, annotation end)`` of the annotations followed by a result (an
+    # annotation holds no < or >, so no annotation starts inside another or inside a result)
+    calcs: list[tuple[int, int, int]] = []
+    for a, close in annotations:
+        r = _CALC_RESULT.match(text, close)
+        if r is not None:
+            calcs.append((a, r.end(), close))
+    calc_starts = [a for a, _, _ in calcs]
+    equations: list[tuple[int, int]] = []
+    cuts = annotations if not opts.calc_annotations else []
     cut_starts = [a for a, _ in cuts]
     if opts.equations and "=" in text:
         latex_dollars = opts.latex and opts.inline_dollar and not has_calc
@@ -137,8 +142,7 @@ def math_span_tuples(text: str, opts: MathRuleOptions, base: int = 0) -> list[Ra
             else:
                 add((base + s, base + e, "equation"))
     eq_starts = [s for s, _ in equations]
-    for a, b in calcs:
-        close = text.index(">>", a) + 2
+    for a, b, close in calcs:
         if opts.calc_annotations:
             add((base + a, base + b, "calc"))
             continue
