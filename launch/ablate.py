@@ -46,6 +46,18 @@ def data_dir(grid: Grid, run: RunSpec) -> str:
     return str(grid.output / "data" / name)
 
 
+def ensure_data(grid: Grid, run: RunSpec) -> None:
+    """Build the run's shared data folder from its ``task.*`` settings if it is missing (the trainer
+    itself builds only the default folders, so that a misspelt data.path is never filled)."""
+    path = Path(data_dir(grid, run))
+    if "data.path" in run.overrides or (path / "index.json").is_file():
+        return
+    from tasks.builtin import build_data
+    from trainer.config import TaskConfig
+
+    build_data(TaskConfig(**{k[5:]: v for k, v in run.overrides.items() if k.startswith("task.")}), path)
+
+
 def train_command(grid: Grid, run: RunSpec) -> list[str]:
     cmd = [*(grid.launcher or [sys.executable]), str(REPO / "launch/train.py"), "--deepspeed", grid.deepspeed]
     overrides = {**run.overrides, "data.path": data_dir(grid, run),
@@ -89,6 +101,7 @@ def run_one(grid: Grid, run: RunSpec) -> bool:
     run_dir.mkdir(parents=True, exist_ok=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
+    ensure_data(grid, run)
     steps = [train_command(grid, run)]
     if grid.evaluate:
         steps.append([str(a).format(run_dir=run_dir) for a in grid.evaluate["command"]])

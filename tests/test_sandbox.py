@@ -45,6 +45,7 @@ def hostile(tmp_path_factory):
     host_tmp.mkdir()
     (canary / "keep.txt").write_text("precious")
     fds_before = len(os.listdir("/proc/self/fd"))
+    children_before = set(psutil.Process().children(recursive=True))  # e.g. earlier tests' forkservers
     tcp = socket.create_server(("127.0.0.1", 0))
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", tcp.getsockname()[1]))
@@ -91,7 +92,9 @@ def hostile(tmp_path_factory):
             pass
         s.close()
     return {"kernel": dict(zip(HOSTILE, kernel)), "both": dict(zip(HOSTILE, both)), "elapsed": elapsed,
-            "children": psutil.Process().children(recursive=True), "leftovers": _leftovers(),
+            "children": sorted(set(psutil.Process().children(recursive=True)) - children_before,
+                               key=lambda p: p.pid),
+            "leftovers": _leftovers(),
             "canary": sorted(p.name for p in canary.iterdir()), "keep": (canary / "keep.txt").read_text(),
             "host_tmp": list(host_tmp.iterdir()), "contacted": contacted,
             "fds": len(os.listdir("/proc/self/fd")) - fds_before}
@@ -111,7 +114,7 @@ def test_hostile_programs_leave_nothing_behind(hostile):
     assert hostile["canary"] == ["keep.txt"] and hostile["keep"] == "precious"   # no file written outside
     assert hostile["host_tmp"] == []   # the harness's own temporary folders are gone
     assert hostile["contacted"] == []   # no connection reached the host
-    assert hostile["fds"] == 0   # no descriptor leaked in the harness
+    assert hostile["fds"] <= 0   # no descriptor leaked in the harness (earlier tests may close some)
     assert hostile["elapsed"] < 90, "the hostile suite must stay fast"
 
 
