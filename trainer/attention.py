@@ -24,7 +24,10 @@ so they cannot drift apart; ``tests/test_attention.py`` checks them equal elemen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -119,3 +122,118 @@ def full_block_mask(seq_len: int, device: torch.device | str | None = None, *, t
         return q_idx >= 0
 
     return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, BLOCK_SIZE=tile)
+
+
+# --- Block-sparse SDPA (CPU): each query tile gets only the keys it may see -------------------------
+
+BLOCK_SPARSE_SDPA = "sdpa_block_sparse"
+"""The ``attn_implementation`` name of :func:`block_sparse_sdpa` (registered with transformers below)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    q: slice
+    """Query columns of the chunk."""
+    keys: tuple[slice, ...]
+    """Key column ranges it reads (every other key is masked out for all its queries)."""
+    keys_index: Tensor | None
+    """The same ranges as an index (only when a mask has to be applied to a partial tile)."""
+    need_mask: bool
+    """Whether some (query, key) inside the ranges is masked out (else SDPA runs with no mask)."""
+
+
+def sparse_plan(mask: Tensor, tile: int) -> list[_Chunk]:
+    """Split a [B|1, H|1, Q, K] bool mask into query chunks with the key ranges each may see.
+
+    Query and key tiles of ``tile`` columns: a key tile is read by a query tile when any (row, head,
+    query, key) in it is True; consecutive query tiles with the same key tiles form one chunk.  A chunk
+    needs its sub-mask only when some element inside its tiles is False (in the block-diffusion layouts
+    with ``tile`` = the block size, none does, so SDPA runs unmasked on its fused kernel).
+    """
+    q_len, k_len = mask.shape[-2:]
+    nq, nk = -(-q_len // tile), -(-k_len // tile)
+    m = mask.reshape(-1, q_len, k_len)
+    pad = (0, nk * tile - k_len, 0, nq * tile - q_len)
+    any_t = F.pad(m.any(0), pad).view(nq, tile, nk, tile).any(dim=(1, 3))  # [nq, nk]
+    # Padding counts as allowed for the all-test (it is sliced away), as not visited for the any-test.
+    all_t = F.pad(m.all(0), pad, value=True).view(nq, tile, nk, tile).all(dim=(1, 3))
+    any_rows, all_rows = any_t.tolist(), all_t.tolist()
+    chunks: list[_Chunk] = []
+    start = 0
+    for i in range(1, nq + 1):
+        if i < nq and any_rows[i] == any_rows[start] and all_rows[i] == all_rows[start]:
+            continue
+        cols = [j for j, a in enumerate(any_rows[start]) if a]
+        ranges: list[slice] = []
+        for j in cols:
+            lo, hi = j * tile, min((j + 1) * tile, k_len)
+            if ranges and ranges[-1].stop == lo:
+                ranges[-1] = slice(ranges[-1].start, hi)
+            else:
+                ranges.append(slice(lo, hi))
+        need = any(not all_rows[start][j] for j in cols)
+        index = (torch.cat([torch.arange(r.start, r.stop, device=mask.device) for r in ranges])
+                 if need and ranges else None)
+        chunks.append(_Chunk(slice(start * tile, min(i * tile, q_len)), tuple(ranges), index, need))
+        start = i
+    return chunks
+
+
+_PLANS: dict[tuple, tuple[Tensor, list[_Chunk]]] = {}
+
+
+def _cached_plan(mask: Tensor, tile: int) -> list[_Chunk]:
+    """``sparse_plan`` once per mask object (every layer of a forward passes the same one).  The entry
+    holds the mask, so its id cannot be reused by another tensor while cached."""
+    key = (id(mask), tuple(mask.shape), tile)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    plan = sparse_plan(mask, tile)
+    if len(_PLANS) >= 4:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = (mask, plan)
+    return plan
+
+
+def block_sparse_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[Tensor, None]:
+    """transformers attention function: SDPA over only the key tiles each query tile may see.
+
+    query [B, H, Q, D], key/value [B, Hkv, K, D], ``attention_mask`` a 4-D bool [B|1, 1, Q, K] mask
+    (True = may attend) -> ([B, Q, H, D], None), equal to SDPA with the dense mask (tested) while the
+    masked-out tiles (three quarters of the block-diffusion scores at L = 512) are never computed.
+    The tile is ``module.config.block_sparse_tile`` when set, else 32 (the default block size).
+    Anything else (no mask, a float mask) goes to plain SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
+                                      is_causal=False, **kwargs)
+    tile = int(getattr(getattr(module, "config", None), "block_sparse_tile", 0) or 32)
+    outs = []
+    for c in _cached_plan(attention_mask, tile):
+        q = query[:, :, c.q]
+        if not c.keys:  # no key visible: SDPA would give NaN; zeros, as flex does
+            outs.append(q.new_zeros(q.shape[0], q.shape[2], q.shape[1], value.shape[-1]))
+            continue
+        k = key[:, :, c.keys[0]] if len(c.keys) == 1 else torch.cat([key[:, :, r] for r in c.keys], dim=2)
+        v = value[:, :, c.keys[0]] if len(c.keys) == 1 else torch.cat([value[:, :, r] for r in c.keys], dim=2)
+        sub = attention_mask[:, :, c.q][..., c.keys_index] if c.need_mask else None
+        out, _ = sdpa_attention_forward(module, q, k, v, sub, dropout, scaling, is_causal=False, **kwargs)
+        outs.append(out)  # [B, q, H, D]
+    return torch.cat(outs, dim=1), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(BLOCK_SPARSE_SDPA, block_sparse_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(BLOCK_SPARSE_SDPA, sdpa_mask)
+
+
+_register()
