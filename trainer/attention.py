@@ -196,36 +196,90 @@ def _cached_plan(mask: Tensor, tile: int) -> list[_Chunk]:
     return plan
 
 
+class _BlockSparseAttention(torch.autograd.Function):
+    """Attention over a ``sparse_plan``: the fused CPU flash kernel per chunk, forward and backward.
+
+    A custom backward because autograd through per-chunk slices would materialise a full-size zero
+    gradient for every slice (chunks x T memory traffic); here each chunk's gradients are added
+    into one buffer per input, in place.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, plan: list[_Chunk], mask: Tensor,
+                scale: float | None) -> Tensor:  # [B, H, Q, D] x3 -> [B, H, Q, D]
+        out = query.new_zeros(query.shape[:-1] + value.shape[-1:])
+        lse = query.new_zeros(query.shape[:-1], dtype=torch.float32)  # [B, H, Q]
+        for c in plan:
+            if not c.keys:
+                continue  # no visible key: output 0, as flex gives
+            k, v = _gather(key, c.keys), _gather(value, c.keys)
+            o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[:, :, c.q], k, v, 0.0, False, attn_mask=_sub_mask(mask, c, query.dtype), scale=scale)
+            out[:, :, c.q] = o
+            lse[:, :, c.q] = l_
+        ctx.save_for_backward(query, key, value, out, lse, mask)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN205
+        query, key, value, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for c in ctx.plan:
+            if not c.keys:
+                continue
+            k, v = _gather(key, c.keys), _gather(value, c.keys)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad[:, :, c.q].contiguous(), query[:, :, c.q], k, v, out[:, :, c.q], lse[:, :, c.q], 0.0,
+                False,
+                attn_mask=_sub_mask(mask, c, query.dtype), scale=ctx.scale)
+            dq[:, :, c.q] = gq
+            at = 0
+            for r in c.keys:
+                n = r.stop - r.start
+                dk[:, :, r] += gk[:, :, at:at + n]
+                dv[:, :, r] += gv[:, :, at:at + n]
+                at += n
+        return dq, dk, dv, None, None, None
+
+
+def _gather(x: Tensor, ranges: tuple[slice, ...]) -> Tensor:
+    return x[:, :, ranges[0]] if len(ranges) == 1 else torch.cat([x[:, :, r] for r in ranges], dim=2)
+
+
+def _sub_mask(mask: Tensor, c: _Chunk, dtype: torch.dtype) -> Tensor | None:
+    """The chunk's additive mask (0 / -inf) when some element of its tiles is masked out, else None."""
+    if not c.need_mask:
+        return None
+    sub = mask[:, :, c.q][..., c.keys_index]
+    return torch.zeros(sub.shape, dtype=dtype, device=sub.device).masked_fill_(~sub, float("-inf"))
+
+
 def block_sparse_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs) -> tuple[Tensor, None]:
-    """transformers attention function: SDPA over only the key tiles each query tile may see.
+    """transformers attention function: attention over only the key tiles each query tile may see.
 
     query [B, H, Q, D], key/value [B, Hkv, K, D], ``attention_mask`` a 4-D bool [B|1, 1, Q, K] mask
     (True = may attend) -> ([B, Q, H, D], None), equal to SDPA with the dense mask (tested) while the
     masked-out tiles (three quarters of the block-diffusion scores at L = 512) are never computed.
     The tile is ``module.config.block_sparse_tile`` when set, else 32 (the default block size).
-    Anything else (no mask, a float mask) goes to plain SDPA.
+    CPU only (the fused CPU flash kernel); anything else (another device, dropout, no mask, a float
+    mask) goes to plain SDPA.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     kwargs.pop("is_causal", None)
-    if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+    if (attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+            or query.device.type != "cpu" or dropout > 0):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
                                       is_causal=False, **kwargs)
     tile = int(getattr(getattr(module, "config", None), "block_sparse_tile", 0) or 32)
-    outs = []
-    for c in _cached_plan(attention_mask, tile):
-        q = query[:, :, c.q]
-        if not c.keys:  # no key visible: SDPA would give NaN; zeros, as flex does
-            outs.append(q.new_zeros(q.shape[0], q.shape[2], q.shape[1], value.shape[-1]))
-            continue
-        k = key[:, :, c.keys[0]] if len(c.keys) == 1 else torch.cat([key[:, :, r] for r in c.keys], dim=2)
-        v = value[:, :, c.keys[0]] if len(c.keys) == 1 else torch.cat([value[:, :, r] for r in c.keys], dim=2)
-        sub = attention_mask[:, :, c.q][..., c.keys_index] if c.need_mask else None
-        out, _ = sdpa_attention_forward(module, q, k, v, sub, dropout, scaling, is_causal=False, **kwargs)
-        outs.append(out)  # [B, q, H, D]
-    return torch.cat(outs, dim=1), None
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = _BlockSparseAttention.apply(query, key, value, _cached_plan(attention_mask, tile), attention_mask,
+                                      scaling)
+    return out.transpose(1, 2), None  # [B, Q, H, D]
 
 
 def _register() -> None:
