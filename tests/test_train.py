@@ -163,7 +163,7 @@ def test_flex_backend_gives_the_sdpa_loss():
             tb = make_training_batch({"input_ids": ids, "supervised": sup, "dense": dense},
                                      MaskingConfig(block_size=16), 1, g, attn_backend=backend)
             with torch.no_grad():
-                logits = call_model(model.eval(), **tb.model_inputs, keep=slice(0, 64))
+                logits = call_model(model.eval(), **tb.model_inputs, keep=tb.keep)
             out.append(tb.loss(logits).loss)
         losses[backend] = torch.stack(out)
     torch.testing.assert_close(losses["flex"], losses["sdpa"], rtol=1e-4, atol=1e-5)
