@@ -22,8 +22,8 @@ per-view block-diffusion rule of ``trainer.attention``:
 * clean query, noisy key: never.
 
 ``clean=False`` is the 'full' layout (x_t alone, all-to-all).  ``dense_mask`` (SDPA, and the
-block-sparse chunked SDPA that reads it), ``block_mask`` (flex) and ``block_causal`` (decoding with a
-KV cache, ``trainer.generation``) all evaluate :meth:`RowLayout.rule`, so they cannot drift apart.
+block-sparse chunked SDPA that reads it), ``block_mask`` (flex) and ``block_causal_mask`` (decoding with
+a KV cache, ``trainer.generation``) all evaluate :meth:`RowLayout.rule`, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def kept_blocks(supervised: Tensor, block_size: int) -> tuple[int, ...]:
     return tuple(int(b) for b in any_sup.nonzero()[:, 0].tolist())
 
 
-def block_causal(valid: Tensor, block_size: int) -> Tensor:
+def block_causal_mask(valid: Tensor, block_size: int) -> Tensor:
     """[b, T] validity -> [b, 1, T, T] bool: the clean-half rule of :class:`RowLayout` (query block >= key
     block) over a decoding canvas, padding keys hidden.  Padding queries attend to themselves only, so no
     softmax row is empty (SDPA would give NaN)."""
