@@ -12,9 +12,10 @@ L tokens, prompts of different lengths so that ``--response`` of the tokens are 
 optimizer step (forward, backward, AdamW) each of:
 
 * ``default``: the trainer's step (block layout, complementary soft masking, both views sharing one
-  x_0, prompt-only noisy blocks left out, LM head on the masked tokens only, block-sparse attention:
-  the chunked SDPA on CPU, flex on a GPU);
-* the default with each cut off in turn, and the reference with all of them off;
+  x_0, prompt-only noisy blocks left out, LM head on the masked tokens only; attention as
+  ``objective.attn_backend=auto`` picks it: dense SDPA on CPU, flex on a GPU);
+* the default with each cut off in turn (on a GPU also flex), the default with the block-sparse CPU
+  SDPA (``attn_backend=sparse``), and the reference with all cuts off;
 * ``AR SFT``: plain autoregressive SFT: a causal mask, logits at every position, next-token
   cross-entropy on the response tokens (prompt labels ignored), as ``model(..., labels=)`` does.
 
@@ -65,8 +66,7 @@ SCALE_100M = {  # the fixture configs scaled up to ~100 M parameters (their 4k v
 }
 CUTS = {"packing": ("rows", "shared x_0 off (one row per view)"),
         "skip_blocks": (False, "prompt-block skip off"),
-        "masked_head": (False, "masked-only head off"),
-        "attn_backend": ("sdpa", "block-sparse attention off")}
+        "masked_head": (False, "masked-only head off")}
 
 
 @dataclass
@@ -122,8 +122,8 @@ def set_attention(model: torch.nn.Module, impl: str) -> None:
             cfg._attn_implementation = impl
 
 
-def diffusion_step(m: Model, batch: dict, opts: dict, seed: int, sparse_backend: str) -> torch.Tensor:
-    backend = sparse_backend if opts["attn_backend"] == "sparse" else "sdpa"
+def diffusion_step(m: Model, batch: dict, opts: dict, seed: int) -> torch.Tensor:
+    backend = opts["attn_backend"]
     set_attention(m.model, {"sparse": BLOCK_SPARSE_SDPA, "flex": "flex_attention"}.get(backend, "sdpa"))
     g = torch.Generator(batch["input_ids"].device).manual_seed(seed)
     tb = make_training_batch(batch, MaskingConfig(), m.mask_token_id, g, layout=m.layout,
@@ -223,14 +223,22 @@ def flop_floor(m: Model, batch: dict, block: int) -> tuple[float, float]:
     return method, ar
 
 
-def variants(layout: str) -> dict[str, dict | None]:
-    default = {"packing": "shared", "skip_blocks": True, "masked_head": True, "attn_backend": "sparse"}
+def variants(layout: str, device: torch.device) -> dict[str, dict | None]:
+    """The default step as the trainer runs it on ``device`` (attention 'auto': dense SDPA on CPU, flex
+    on CUDA), each cut off in turn, the block-sparse CPU path as an option, and AR SFT."""
+    attn = "flex" if device.type == "cuda" else "sdpa"
+    default = {"packing": "shared", "skip_blocks": True, "masked_head": True, "attn_backend": attn}
     out: dict[str, dict | None] = {"default": default}
     for key, (off, label) in CUTS.items():
         if layout == "full" and key in ("packing", "skip_blocks"):
             continue  # no clean half: nothing to share, every token is attended
         out[label] = {**default, key: off}
-    out["reference (all cuts off)"] = {**default, **{k: off for k, (off, _) in CUTS.items()}}
+    if device.type == "cuda":
+        out["flex off (dense SDPA)"] = {**default, "attn_backend": "sdpa"}
+    else:
+        out["+ block-sparse SDPA (sparse)"] = {**default, "attn_backend": "sparse"}
+    out["reference (all cuts off)"] = {**default, **{k: off for k, (off, _) in CUTS.items()},
+                                       "attn_backend": "sdpa"}
     out["AR SFT"] = None
     return out
 
@@ -241,10 +249,9 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    runs = variants(m.layout)
+    runs = variants(m.layout, device)
     if not args.reference:
         runs.pop("reference (all cuts off)")
-    sparse_backend = "flex" if device.type == "cuda" else "sparse"
     times: dict[str, list[float]] = {k: [] for k in runs}
     peaks: dict[str, list[float]] = {k: [] for k in runs}
     losses: dict[str, float] = {}
@@ -255,7 +262,7 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
             t0 = time.perf_counter()
             with PeakMemory(device) as mem:
                 loss = (ar_step(m, batch) if opts is None
-                        else diffusion_step(m, batch, opts, rep, sparse_backend))
+                        else diffusion_step(m, batch, opts, rep))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
