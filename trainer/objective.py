@@ -1,15 +1,20 @@
 """The masked-diffusion training objective: noisy inputs, attention layout, loss and its split metrics.
 
-One training step in these terms (``make_training_batch`` then the model then ``diffusion_loss``):
+One training step in these terms (``make_training_batch``, ``call_model(..., keep=tb.keep)``,
+``tb.loss``):
 
 1. ``trainer.masking.sample_masks`` draws the priority mask M (and its complement S \\ M).
-2. With complementary masking on, the batch is doubled: rows [0, B) carry M at rates sigma, rows
-   [B, 2B) carry S \\ M at rates 1 - sigma, as the paper (and LLaDA2 §5.1) put both views in one batch.
-3. ``build_model_inputs`` replaces masked tokens by the mask token (x_t) and lays the input out:
-   'block' = [x_t ; x_0] with positions 0..L-1 twice and the block-diffusion mask; 'full' = x_t alone
-   with all-to-all attention.
-4. ``diffusion_loss``: cross-entropy at masked positions of the noisy half; logits at position i
-   predict token i (no shift).  Two weightings:
+2. With complementary masking on, both views are in one micro-batch, as the paper (and LLaDA2 §5.1)
+   prescribe: M at rates sigma, S \\ M at rates 1 - sigma.  The per-view fields of ``TrainingBatch``
+   are stacked [view 1 ; view 2] (2B rows).
+3. Masked tokens are replaced by the mask token (x_t) and each row laid out by a
+   ``trainer.layout.RowLayout`` (ids, positions and the mask all derive from it): 'block' =
+   [x_t(M) ; x_t(S \\ M) ; x_0] per sample (``packing='shared'``, the default: the clean half is the
+   same for both views) or [x_t ; x_0] per view (``packing='rows'``, ``build_model_inputs``, the
+   reference), noisy blocks no row can mask left out (``skip_blocks``); 'full' = x_t alone with
+   all-to-all attention.
+4. The loss: cross-entropy at the masked positions (the LM head runs on those only with
+   ``masked_head``); logits at position i predict token i (no shift).  Two weightings:
 
    * ``masked_mean`` (default, dFactory's released code): sum of CE over masked tokens / number of
      masked tokens in the micro-batch.  Unweighted, so every masked token counts the same whatever
