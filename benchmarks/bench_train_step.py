@@ -19,13 +19,15 @@ optimizer step (forward, backward, AdamW) each of:
 * ``AR SFT``: plain autoregressive SFT: a causal mask, logits at every position, next-token
   cross-entropy on the response tokens (prompt labels ignored), as ``model(..., labels=)`` does.
 
-Printed: s/step, response tokens/s, peak memory of the step above what the model and optimizer hold
-before it (CPU: the process's peak RSS, reset before each step through /proc/self/clear_refs, with
-glibc told to return large blocks to the OS; GPU: torch.cuda.max_memory_allocated), each as a ratio to
-AR SFT; and the FLOP floor of the method for that batch (every noisy token of a block some row can
-mask, each view once, the clean half up to the last such block, the LM head on the masked tokens,
+Printed: s/step, response tokens/s, peak memory of forward + backward above what the model and
+optimizer hold before it (the optimizer step's own peak, the same for every variant, is left out;
+CPU: the process's peak RSS, reset before each step through /proc/self/clear_refs, with glibc told
+to return large blocks to the OS; GPU: torch.cuda.max_memory_allocated), each as a ratio to AR SFT;
+and the FLOP floor of the method for that batch (every noisy token of a block some row can mask,
+each view once, the clean half up to the last such block, the LM head on the masked tokens,
 attention scores only where the layout allows) against the AR floor.  The machine may be shared:
-the interleaving spreads its load evenly over the variants.
+the interleaving spreads its load evenly over the variants; on a loaded CPU ``--threads 1`` avoids
+two threads waiting for each other at every op.
 """
 
 from __future__ import annotations
@@ -260,13 +262,13 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            with PeakMemory(device) as mem:
+            with PeakMemory(device) as mem:  # forward + backward (the optimizer's peak is the same for all)
                 loss = (ar_step(m, batch) if opts is None
                         else diffusion_step(m, batch, opts, rep))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             print(f"  [{m.name} round {rep}{' warmup' if rep < args.warmup else ''}] {name}: {dt:.2f} s, "
                   f"{mem.peak / 2**20:.0f} MiB", file=sys.stderr, flush=True)
