@@ -62,7 +62,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["preprocess", "preprocess.*", "trainer", "trainer.*",
-                                    "evaluation", "evaluation.*"]),
+                                    "evaluation", "evaluation.*", "tasks", "tasks.*"]),
     package_data={"preprocess": ["assets/tokenizer/*", "assets/sample/*", "assets/tiktoken/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

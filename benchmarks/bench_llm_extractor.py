@@ -69,7 +69,8 @@ def throughput(items: list, latency: float, concurrencies: list[int]) -> None:
         for c in concurrencies:
             # concurrency 1 would take samples x latency seconds: measure it on a slice
             n = min(len(items), max(100, int(20 / latency))) if c == 1 else len(items)
-            x = get_extractor("llm", base_url=base_url, cache_dir=f"{tmp}/c{c}", max_concurrency=c)
+            x = get_extractor("llm", base_url=base_url, cache_dir=f"{tmp}/c{c}", max_concurrency=c,
+                              limits_dir=f"{tmp}/limits")
             before = _counts(base_url)["chat"] if c != concurrencies[0] else 0
             t0 = time.perf_counter()
             res = x.extract_batch(items[:n])
@@ -86,7 +87,8 @@ def throughput(items: list, latency: float, concurrencies: list[int]) -> None:
         c = concurrencies[-1]
         before = _counts(base_url)["chat"]
         t0 = time.perf_counter()
-        y = get_extractor("llm", base_url=base_url, cache_dir=f"{tmp}/c{c}", max_concurrency=c)
+        y = get_extractor("llm", base_url=base_url, cache_dir=f"{tmp}/c{c}", max_concurrency=c,
+                          limits_dir=f"{tmp}/limits")
         y.extract_batch(items)
         dt = time.perf_counter() - t0
         sent = _counts(base_url)["chat"] - before

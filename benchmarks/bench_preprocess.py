@@ -2,6 +2,7 @@
 
     python benchmarks/bench_preprocess.py                  # ~30k records, all cores
     python benchmarks/bench_preprocess.py --records 6000 --reps 1 --skip-memory   # quick look
+    python benchmarks/bench_preprocess.py --corpus-mb 1000 --only-corpus   # 1 GB synthetic corpus
 
 Prints:
 1. throughput ratio = whole pipeline (read + rules extraction + tokenize + align + write, datatrove
@@ -9,7 +10,10 @@ Prints:
    same texts (rayon on all cores); also with the ``none`` extractor and the paper's fractions
    (code 10 %, math 50 %), so extraction cost is visible on its own;
 2. peak RSS of a single-process run at 1x and 10x the input (flat = streaming works);
-3. wall time with 1 and 2 workers (same shard count) and the speed-up.
+3. wall time with 1 and 2 workers (same shard count) and the speed-up;
+4. with ``--corpus-mb N``: an N MB synthetic corpus (the mixed code/math sample replicated), laid
+   out as several files and as one big file: throughput, CPU ratio to raw encode_batch with
+   offsets of the same texts, peak RSS per worker, bytes read / input bytes, shard token balance.
 
 The sample is replicated with fresh ids to reach ``--records``.  Repetitions are interleaved
 (baseline, pipeline, baseline, ...) and the best of each is reported, because this machine may be
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +40,8 @@ from preprocess.assets import SAMPLE_PATH  # noqa: E402
 from preprocess.pipeline import PreprocessConfig, run_pipeline  # noqa: E402
 from preprocess.pipeline.shard import load_tokenizer  # noqa: E402
 from preprocess.pipeline.steps import read_timings  # noqa: E402
+from preprocess.records import expand_inputs  # noqa: E402
+from preprocess.splits import plan_shards  # noqa: E402
 
 
 def make_input(path: Path, n: int) -> None:
@@ -104,13 +111,108 @@ def peak_rss_mb(path: Path, out: Path) -> tuple[float, float]:
     return usage.ru_maxrss / 1024, wall
 
 
+def make_corpus(folder: Path, total_mb: float, files: int) -> list[Path]:
+    """``files`` JSONL files of about ``total_mb / files`` MB each (whole copies of the sample, so a
+    little more): the sample's records with fresh ids."""
+    rows = [json.loads(line) for line in SAMPLE_PATH.read_text(encoding="utf-8").split("\n") if line.strip()]
+    templates = [json.dumps({**r, "id": "@ID@"}, ensure_ascii=False) + "\n" for r in rows]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = total_mb * 1e6 / files
+    paths, i = [], 0
+    for k in range(files):
+        path = folder / f"part-{k:03d}.jsonl"
+        size = 0
+        with open(path, "w", encoding="utf-8") as f:
+            while size < target:
+                block = "".join(t.replace("@ID@", f"c{i + j}", 1) for j, t in enumerate(templates))
+                i += len(templates)
+                f.write(block)
+                size += len(block.encode("utf-8"))
+        paths.append(path)
+    return paths
+
+
+def baseline_encode_files(paths: list[Path], batch: int = 512) -> tuple[float, int]:
+    """CPU seconds of encode_batch with offsets over the corpus' texts (streamed), and tokens."""
+    tok = load_tokenizer(str(PreprocessConfig(inputs=paths, output_dir=".").tokenizer), True)
+    cpu, n_tokens = 0.0, 0
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            while lines := list(islice(f, batch)):
+                rows = [json.loads(line) for line in lines]
+                texts = [tok.render_prompt(r["prompt"], None) for r in rows] + [r["response"] for r in rows]
+                c0 = time.process_time()
+                for enc in tok.backend.encode_batch(texts, add_special_tokens=False):
+                    n_tokens += len(enc.ids)
+                    enc.offsets  # noqa: B018
+                cpu += time.process_time() - c0
+                n_tokens += len(rows)  # EOS
+    return cpu, n_tokens
+
+
+def corpus_run(paths: list[Path], out: Path, workers: int, num_shards: int) -> dict[str, float]:
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = PreprocessConfig(inputs=paths, output_dir=out, extractor="rules", workers=workers,
+                           num_shards=num_shards)
+    t0 = time.perf_counter()
+    run_pipeline(cfg)
+    wall = time.perf_counter() - t0
+    index = json.loads((out / "index.json").read_text())
+    timings = read_timings(cfg)
+    input_bytes = sum(p.stat().st_size for p in paths)
+    tokens = [s["num_tokens"] for s in index["shards"]]
+    t_plan = time.perf_counter()
+    plan_shards(expand_inputs(paths), num_shards)
+    return {"wall": wall, "cpu": sum(t["cpu_s"] for t in timings), "tokens": index["num_tokens"],
+            "samples": index["num_samples"], "mb": input_bytes / 1e6,
+            "rss": max(t["peak_rss_mb"] for t in timings), "read_ratio": index["bytes_read"] / input_bytes,
+            "balance": max(tokens) / (sum(tokens) / len(tokens)),
+            "min_balance": min(tokens) / (sum(tokens) / len(tokens)),
+            "plan_s": time.perf_counter() - t_plan}
+
+
+def corpus_section(tmp: Path, total_mb: float, files: int, workers: int, num_shards: int) -> None:
+    print(f"\n4. synthetic corpus {total_mb:,.0f} MB, rules extractor on every sample, workers={workers}, "
+          f"num_shards={num_shards}")
+    many = make_corpus(tmp / "many", total_mb, files)
+    (tmp / "one").mkdir(exist_ok=True)
+    with open(tmp / "one" / "all.jsonl", "wb") as f:  # the same records, concatenated
+        for p in many:
+            with open(p, "rb") as g:
+                shutil.copyfileobj(g, f, 1 << 24)
+    layouts = {f"{files} files": many, "1 big file": [tmp / "one" / "all.jsonl"]}
+    base_cpu, base_tok = baseline_encode_files(layouts["1 big file"])
+    print(f"   raw encode_batch + offsets of the same texts: {base_cpu:.1f} CPU s, {base_tok:,} tokens")
+    print("   layout       |  wall s |   MB/s | tokens/s   | CPU s  | CPU ratio | RSS/worker | read/input "
+          "| shard tokens max/min of mean | plan s")
+    for name, paths in layouts.items():
+        r = corpus_run(paths, tmp / "corpus_out", workers, num_shards)
+        assert r["tokens"] == base_tok, (r["tokens"], base_tok)
+        wall = r["wall"]
+        print(f"   {name:12s} | {wall:7.1f} | {r['mb'] / wall:6.2f} | {r['tokens'] / wall:10,.0f} "
+              f"| {r['cpu']:6.1f} | {base_cpu / r['cpu']:9.2f} | {r['rss']:7.0f} MB "
+              f"| {r['read_ratio']:10.4f} | {r['balance']:.3f} / {r['min_balance']:.3f}{'':15s} "
+              f"| {r['plan_s']:.1f}")
+        shutil.rmtree(tmp / "corpus_out", ignore_errors=True)
+    for d in ("many", "one"):
+        shutil.rmtree(tmp / d, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=30000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--corpus-mb", type=float, default=0, help="also run the synthetic corpus of this size")
+    ap.add_argument("--corpus-files", type=int, default=8, help="files of the several-files layout")
+    ap.add_argument("--only-corpus", action="store_true", help="run only the corpus section")
+    ap.add_argument("--tmp", default=None, help="folder for the corpus (default: the system temp folder)")
     a = ap.parse_args()
+    if a.only_corpus:
+        with tempfile.TemporaryDirectory(dir=a.tmp) as tmp_s:
+            corpus_section(Path(tmp_s), a.corpus_mb, a.corpus_files, a.workers, 2 * a.workers)
+        return
     cores = os.cpu_count()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -156,6 +258,8 @@ def main() -> None:
         w2 = min(pipeline_run(data, tmp / "o", 2, 4)[0] for _ in range(max(1, a.reps - 1)))
         print(f"\n3. scaling (num_shards=4): 1 worker {w1:.2f} s, 2 workers {w2:.2f} s, "
               f"speed-up {w1 / w2:.2f}x")
+        if a.corpus_mb:
+            corpus_section(tmp, a.corpus_mb, a.corpus_files, a.workers, shards)
 
 
 if __name__ == "__main__":

@@ -34,13 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from preprocess.assets import SAMPLE_PATH, TOKENIZER_DIR  # noqa: E402
-from preprocess.extractors.base import ExtractInput, ExtractResult  # noqa: E402
+from preprocess.extractors.base import PAPER_RHO, ExtractInput, ExtractResult  # noqa: E402
 from preprocess.extractors.registry import get_extractor  # noqa: E402
 from preprocess.extractors.rules.extractor import RuleOptions  # noqa: E402
 from preprocess.shards import Domain  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
-PAPER_RHO = {Domain.CODE: 0.25, Domain.MATH: 0.31}
 
 
 def read_jsonl(path: Path) -> list[dict]:

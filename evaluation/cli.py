@@ -22,7 +22,7 @@ from pathlib import Path
 from evaluation.benchmarks import BENCHMARKS, ORDER, DataError
 from evaluation.sandbox import SandboxLimits, SandboxUnavailable, sandbox_layers
 from trainer.families import LAYOUTS
-from trainer.generation import REMASKING, DecodeConfig
+from trainer.generation import DECODING_PRESETS, REMASKING, DecodeConfig
 from trainer.masking import BLOCK_SIZE
 
 
@@ -35,6 +35,26 @@ def _benchmarks(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(f"unknown benchmark(s) {bad}; choose from {', '.join(ORDER)} "
                                          "or 'all'")
     return names
+
+
+def _editing_threshold(text: str) -> float | str:
+    if text.lower() == "off":
+        return "off"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability or 'off', got {text!r}") from None
+
+
+def _decode_settings(args: argparse.Namespace) -> dict:
+    """Decoding settings: the ``--decoding`` preset's, overridden by each flag given explicitly."""
+    settings = dict(DECODING_PRESETS.get(args.decoding, {}))
+    for key in ("threshold", "max_post_steps", "min_transfer"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if args.editing_threshold is not None:
+        settings["editing_threshold"] = None if args.editing_threshold == "off" else args.editing_threshold
+    return settings
 
 
 def _add_data_args(p: argparse.ArgumentParser, single: bool = False) -> None:
@@ -98,8 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"tokens per block; match training (default {BLOCK_SIZE}, as the paper)")
     run.add_argument("--steps-per-block", type=int, default=32, help="max model calls per block (paper: 32)")
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (paper)")
-    run.add_argument("--threshold", type=float, default=0.95,
-                     help="accept tokens above this confidence at once (remasking=threshold)")
+    run.add_argument("--decoding", choices=sorted(DECODING_PRESETS), default=None,
+                     help="LLaDA2.1's published modes (threshold / editing threshold): llada2.1-quality "
+                          "0.7 / 0.5, llada2.1-speed 0.5 / off; flags given below override the preset "
+                          "(default: the paper's LLaDA2.0 settings)")
+    run.add_argument("--threshold", type=float, default=None,
+                     help="accept tokens above this confidence at once (remasking=threshold; default 0.95 "
+                          "or the preset's)")
+    run.add_argument("--editing-threshold", type=_editing_threshold, default=None,
+                     help="LLaDA2.1 editing: replace a written token of the current block when another token "
+                          "is predicted above this probability; 'off' (default) disables it")
+    run.add_argument("--max-post-steps", type=int, default=None,
+                     help="with editing: steps allowed after a block's last mask is filled (default 16)")
+    run.add_argument("--min-transfer", type=int, default=None,
+                     help="LLaDA2.1: accept at least this many masks per step with no step limit, instead "
+                          "of the --steps-per-block schedule (default: the schedule)")
     run.add_argument("--remasking", choices=REMASKING, default="threshold",
                      help="threshold (LLaDA2, default) or low_confidence (LLaDA)")
     run.add_argument("--kv-cache", choices=["auto", "on", "off"], default="auto",
@@ -145,8 +178,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     decode = DecodeConfig(gen_length=args.gen_length, block_size=args.block_size,
                           steps_per_block=args.steps_per_block, temperature=args.temperature,
-                          threshold=args.threshold, remasking=args.remasking, kv_cache=args.kv_cache == "on",
-                          layout="block" if args.layout == "auto" else args.layout)
+                          remasking=args.remasking, kv_cache=args.kv_cache == "on",
+                          layout="block" if args.layout == "auto" else args.layout, **_decode_settings(args))
     cfg = EvalConfig(model=args.model, name=args.name, benchmarks=args.benchmarks, paths=_paths(args),
                      limit=args.limit, decode=decode, batch_size=args.batch_size, seed=args.seed,
                      use_chat_template=not args.no_chat_template, sandbox=_limits(args), workers=args.workers,

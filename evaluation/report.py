@@ -77,9 +77,14 @@ def markdown_table(results: list[dict]) -> str:
         lines.append("Warning: rows were scored on different numbers of problems for: "
                      + ", ".join(BENCHMARKS[c].title for c in subset) + ".")
     if d:
+        extra = ""
+        if d.get("min_transfer") is not None:
+            extra += f", at least {d['min_transfer']} per step"
+        if d.get("editing_threshold") is not None:
+            extra += f", editing above {d['editing_threshold']} (<= {d.get('max_post_steps')} post steps)"
         lines.append(f"Decoding: gen length {d.get('gen_length')}, block {d.get('block_size')}, "
                      f"{d.get('steps_per_block')} steps/block, temperature {d.get('temperature')}, "
-                     f"remasking {d.get('remasking')} (threshold {d.get('threshold')}).")
+                     f"remasking {d.get('remasking')} (threshold {d.get('threshold')}){extra}.")
     return "\n".join(lines) + "\n"
 
 

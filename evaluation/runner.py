@@ -282,7 +282,9 @@ def run_evaluation(cfg: EvalConfig, *, log=print, on_benchmark=None) -> dict:
                              steps_per_block=d.steps_per_block, temperature=d.temperature,
                              threshold=d.threshold, remasking=d.remasking,
                              use_chat_template=cfg.use_chat_template, batch_size=cfg.batch_size,
-                             seed=cfg.seed + s, layout=d.layout, kv_cache=d.kv_cache)
+                             seed=cfg.seed + s, layout=d.layout, kv_cache=d.kv_cache,
+                             editing_threshold=d.editing_threshold, max_post_steps=d.max_post_steps,
+                             min_transfer=d.min_transfer)
             dt = (time.perf_counter() - t) / len(idx)
             for i, text in zip(idx, texts):
                 completions[i], per_sample_s[i] = text, round(dt, 4)

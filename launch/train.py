@@ -22,34 +22,52 @@ to resume); 2 bad configuration (one line on stderr); anything else is a crash.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from trainer.config import DEFAULT_CACHE, Config, ConfigError  # noqa: E402
+from trainer.config import TASK_DATA, Config, ConfigError  # noqa: E402
 from trainer.config_io import help_text, load_config  # noqa: E402
 
 
 def prepare_default_data(cfg: Config, rank: int) -> None:
-    """Preprocess the bundled sample into the default ``data.path`` when it has no index (rank 0; the
-    other ranks wait at a barrier).  Other paths are left alone: the trainer reports them missing."""
+    """Build ``task.name``'s data into its default ``data.path`` (``TASK_DATA``) when that folder has no
+    index (rank 0; the other ranks wait at a barrier).  Other paths are left alone: the trainer
+    reports them missing, so a misspelt path is never filled."""
     import torch.distributed as dist
 
     path = Path(cfg.data.path)
     if (path / "index.json").is_file() or not cfg.data.preprocess_if_missing \
-            or path.resolve() != Path(DEFAULT_CACHE).resolve():
+            or path.resolve() != Path(TASK_DATA[cfg.task.name]).resolve():
         return
     if rank == 0:
-        from preprocess.assets import SAMPLE_PATH
-        from preprocess.pipeline import PreprocessConfig, run_pipeline
+        from tasks.builtin import build_data
 
-        print(f"[train] {path} missing: preprocessing the bundled sample with the rule-based extractor",
-              flush=True)
-        run_pipeline(PreprocessConfig(inputs=[SAMPLE_PATH], output_dir=path, extractor="rules",
-                                      workers=min(4, os.cpu_count() or 1)))
+        build_data(cfg.task, path)
     dist.barrier()
+
+
+def evaluate_task(trainer) -> dict:
+    """Held-out exact match of the built-in task: the untrained model (same seed) vs the export."""
+    import torch
+
+    from tasks.builtin import evaluate, report
+    from trainer.modeling import load_model
+
+    cfg = trainer.cfg
+    templated = bool(trainer.dataset.index["tokenizer"].get("chat_template_used", True))
+    sources = (cfg.model.name, trainer.export_dir) if cfg.task.eval_before else (trainer.export_dir,)
+    scores = []
+    for source in sources:
+        bundle = load_model(source, dtype=torch.bfloat16 if trainer.bf16 else torch.float32,
+                            seed=cfg.train.seed)
+        scores.append(evaluate(bundle.model.to(trainer.device), bundle.tokenizer,
+                               mask_token_id=bundle.mask_token_id, eos_token_id=bundle.eos_token_id,
+                               task=cfg.task, block_size=cfg.masking.block_size,
+                               use_chat_template=templated, seed=cfg.train.seed))
+    before = scores[0] if cfg.task.eval_before else None
+    return report(before, scores[-1], cfg.task, trainer.out_dir, echo=trainer.metrics.print)
 
 
 def write_samples(trainer) -> None:
@@ -97,9 +115,12 @@ def main(argv: list[str]) -> int:
         prepare_default_data(cfg, dist.get_rank())
         trainer = Trainer(cfg)
         code = trainer.train()
-        if code == 0 and cfg.checkpoint.export_hf and cfg.train.sample_prompts and trainer.rank == 0 \
-                and trainer.step == cfg.train.max_steps:
+        finished = code == 0 and cfg.checkpoint.export_hf and trainer.rank == 0 \
+            and trainer.step == cfg.train.max_steps
+        if finished and cfg.train.sample_prompts:
             write_samples(trainer)
+        if finished and cfg.task.name == "chain" and cfg.task.eval_size:
+            evaluate_task(trainer)
         return code
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

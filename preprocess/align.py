@@ -129,26 +129,55 @@ def spans_to_arrays(spans: Sequence[Span]) -> tuple[np.ndarray, np.ndarray]:
             np.fromiter((s.end for s in spans), dtype=np.int64, count=len(spans)))
 
 
-def align_spans(ids: np.ndarray, offsets: Sequence[tuple[int, int]] | None, text: str, spans: Sequence[Span],
-                byte_table: np.ndarray | None) -> AlignResult:
-    """INFO_DENSE mark per token of ``text`` for validated, merged ``spans`` (character indices)."""
-    n = len(ids)
-    if not spans:
-        return AlignResult(np.zeros(n, dtype=bool), "none")
+def _token_bounds(ids: np.ndarray, offsets: Sequence[tuple[int, int]] | None, text: str,
+                  spans: Sequence[Span], byte_table: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """``(token starts, token ends, span starts, span ends, method)`` in one unit: exact bytes when the
+    byte lengths add up to the text, else validated tokenizer offsets (characters)."""
     ss, se = spans_to_arrays(spans)
-    if byte_table is not None and len(ids) and int(ids.max()) < len(byte_table):
+    n = len(ids)
+    if byte_table is not None and n and int(ids.max()) < len(byte_table):
         blen = byte_table[ids]
         t_end = np.cumsum(blen)
-        if n and int(t_end[-1]) == len(text.encode("utf-8")):
+        if int(t_end[-1]) == len(text.encode("utf-8")):
             if not text.isascii():
                 pos = char_to_byte_positions(text)
                 ss, se = pos[ss], pos[se]
-            return AlignResult(mark_overlaps(t_end - blen, t_end, ss, se), "bytes")
+            return t_end - blen, t_end, ss, se, "bytes"
     if offsets is None:
         raise AlignmentError("no offsets available and byte lengths do not add up to the text")
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
     validate_offsets(off, len(text))
-    return AlignResult(mark_overlaps(off[:, 0], off[:, 1], ss, se), "offsets")
+    return off[:, 0], off[:, 1], ss, se, "offsets"
+
+
+def align_spans(ids: np.ndarray, offsets: Sequence[tuple[int, int]] | None, text: str, spans: Sequence[Span],
+                byte_table: np.ndarray | None) -> AlignResult:
+    """INFO_DENSE mark per token of ``text`` for validated, merged ``spans`` (character indices)."""
+    if not spans:
+        return AlignResult(np.zeros(len(ids), dtype=bool), "none")
+    ts, te, ss, se, method = _token_bounds(ids, offsets, text, spans, byte_table)
+    return AlignResult(mark_overlaps(ts, te, ss, se), method)
+
+
+def span_tokens(ids: np.ndarray, offsets: Sequence[tuple[int, int]] | None, text: str, spans: Sequence[Span],
+                byte_table: np.ndarray | None) -> list[np.ndarray]:
+    """Per span of ``spans`` (validated, merged), the indices of the tokens of ``text`` it overlaps.
+
+    The same tokens :func:`align_spans` marks, span by span: their union is its ``dense`` (a token
+    on the edge of two spans belongs to both; a zero-width token counts as ``[s, s+1)``, as in
+    :func:`mark_overlaps`).  Byte bounds are non-decreasing, so each span's tokens are one run found
+    by binary search; offsets need not be, so there every span is compared with every token.
+    """
+    if not spans:
+        return []
+    ts, te, ss, se, _ = _token_bounds(ids, offsets, text, spans, byte_table)
+    ends = np.maximum(te, ts + 1)
+    if len(ts) < 2 or ((np.diff(ts) >= 0).all() and (np.diff(ends) >= 0).all()):
+        first = np.searchsorted(ends, ss, side="right")
+        end = np.searchsorted(ts, se, side="left")
+        return [np.arange(a, max(a, b)) for a, b in zip(first.tolist(), end.tolist())]
+    return [np.flatnonzero((ts < b) & (ends > a)) for a, b in zip(ss.tolist(), se.tolist())]
 
 
 _SENTINELS = ("\x00dm-sentinel-A\x00", " \n dm sentinel B \t ")

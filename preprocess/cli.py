@@ -1,4 +1,4 @@
-"""``dm-preprocess`` / ``python launch/preprocess.py``: run, verify, inspect, stats, cost, batch.
+"""``dm-preprocess`` / ``python launch/preprocess.py``: run, verify, inspect, stats, cost, batch, split-input.
 
     dm-preprocess run --input data.jsonl --output out/ --extractor rules --fraction code=0.1,math=0.5
     dm-preprocess verify out/              # exit status 1 and one line per problem if damaged
@@ -6,17 +6,20 @@
     dm-preprocess stats out/ --rejects 5   # the summary table again, plus the first rejects
     dm-preprocess cost --input data.jsonl --model gpt-4o --fraction code=0.1,math=0.5   # LLM dry run
     dm-preprocess batch submit|status|collect --input data.jsonl --option cache_dir=c   # Batch API
+    dm-preprocess split-input big.jsonl.zst --parts 256 --output parts/  # one stream -> 256 files
 
 ``run`` flags mirror ``PreprocessConfig`` field by field (see ``docs/preprocess.md``).  Every
 command that reads records (run, cost, batch) reads them through ``preprocess.records`` with the
 same field-mapping flags.
+
+Over 400 lines: one parser and one function per subcommand, sharing the input flags; splitting
+them apart would scatter one command line over several files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -75,15 +78,20 @@ def _reject_line(r: Reject) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dm-preprocess", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="preprocess inputs into a shard folder (resumable, idempotent)")
     _add_input_args(r)
     r.add_argument("--output", required=True, help="output folder")
     r.add_argument("--tokenizer", default=str(TOKENIZER_DIR), help="HF tokenizer name or folder")
-    r.add_argument("--extractor", default="rules", help="rules | llm | none (registered extractors)")
+    r.add_argument("--extractor", default="rules",
+                   help="rules | llm | confidence | none (registered extractors)")
     r.add_argument("--extractor-option", action="append", type=_kv, default=[], metavar="K=V",
                    help="extractor option (JSON value or string); repeatable")
+    r.add_argument("--max-rho", action="append", default=[],
+                   help="rho budget per domain, e.g. code=0.25,math=0.31: keep the highest-scoring spans "
+                        "up to that share of supervised tokens (docs/extractors.md); repeatable")
     r.add_argument("--max-length", type=int, default=2048, help="reject samples with more tokens")
     r.add_argument("--num-shards", type=int, default=8,
                    help="fixed shard count (output independent of workers)")
@@ -94,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the raw prompt text instead of the chat template's user turn")
     r.add_argument("--batch-size", type=int, default=512)
     r.add_argument("--overwrite", action="store_true", help="replace shards made with another configuration")
+    r.add_argument("--retry-failed", action="store_true",
+                   help="rebuild the finished shards holding samples the extractor failed to answer")
+    r.add_argument("--dry-run", action="store_true",
+                   help="llm extractor: print the cost of the samples not cached yet; write nothing")
     s = r.add_argument_group("slurm (datatrove SlurmPipelineExecutor)")
     s.add_argument("--slurm-partition", default=None)
     s.add_argument("--slurm-time", default="04:00:00")
@@ -122,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="summary of a finished folder")
     st.add_argument("path")
     st.add_argument("--rejects", type=int, default=0, help="also list the first N rejected records")
+    st.add_argument("--outliers", type=int, default=5, help="rho outliers listed per domain and kind")
+    st.add_argument("--rho-above", type=float, default=None, help="high-rho outlier threshold "
+                    "(default: twice the paper's rho of the domain)")
 
     c = sub.add_parser("cost", help="LLM extractor cost estimate, before spending anything")
     _add_input_args(c)
@@ -134,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="project to a corpus of DOMAIN=N samples, e.g. code=436000,math=7473")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.add_argument("--allow-invalid", action="store_true", help="exit 0 even if some records are invalid")
+
+    sp = sub.add_parser("split-input", help="rewrite one big (compressed) JSONL file into many parts")
+    sp.add_argument("file")
+    sp.add_argument("--parts", type=int, required=True, help="number of files (>= --num-shards of the run)")
+    sp.add_argument("--output", required=True, help="folder for the parts")
 
     b = sub.add_parser("batch", help="LLM extractor through the Batch API: submit, status, collect")
     b.add_argument("action", choices=["submit", "status", "collect"])
@@ -160,77 +180,65 @@ def config_from_args(a: argparse.Namespace) -> Any:
                          logging_dir=a.logging_dir)
     return PreprocessConfig(
         inputs=a.input, output_dir=a.output, tokenizer=a.tokenizer, extractor=a.extractor,
-        extractor_options=dict(a.extractor_option), fractions=_fractions(a), seed=a.seed,
+        extractor_options=dict(a.extractor_option), fractions=_fractions(a),
+        max_rho=parse_fractions(",".join(a.max_rho), "--max-rho"), seed=a.seed,
         max_length=a.max_length, num_shards=a.num_shards, workers=a.workers, executor=a.executor, slurm=slurm,
         strict=a.strict, use_chat_template=a.use_chat_template, fields=_fields(a), hf_split=a.hf_split,
-        batch_size=a.batch_size, overwrite=a.overwrite)
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS of this (driver) process in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def summary_table(index: dict[str, Any], wall_s: float | None = None,
-                  timings: list[dict[str, Any]] | None = None) -> Any:
-    from rich.table import Table
-
-    t = Table(title=f"{index['num_samples']:,} samples, {index['num_tokens']:,} tokens in "
-                    f"{index['num_shards']} shards ({index['token_dtype']}); extractor "
-                    f"{index['extractor']['name']} v{index['extractor']['version']}")
-    # Short headers so the table fits 80 columns: sup = supervised tokens, dense = info-dense tokens,
-    # sel = extracted (selected) samples, rho = per-sample mean share, rho_tok = token-weighted share.
-    for col in ("domain", "samples", "tokens", "sup", "dense", "sel", "rho", "rho_tok"):
-        t.add_column(col, justify="right" if col != "domain" else "left")
-    for name, d in index["domains"].items():
-        t.add_row(name, f"{d['samples']:,}", f"{d['tokens']:,}", f"{d['supervised_tokens']:,}",
-                  f"{d['dense_tokens']:,}", f"{d['selected_samples']:,}", f"{d['rho']:.3f}",
-                  f"{d['rho_tokens']:.3f}")
-    rejects = ", ".join(f"{k}: {v:,}" for k, v in index["rejects"].items()) or "none"
-    status = ", ".join(f"{k}: {v:,}" for k, v in index["extract_status"].items()) or "-"
-    align = ", ".join(f"{k}: {v:,}" for k, v in index["alignment"].items()) or "-"
-    caption = ["sup/dense: supervised/info-dense tokens; sel: extracted samples; rho: mean per-sample "
-               "dense share of supervised tokens over extracted samples (rho_tok: token-weighted)",
-               f"rejects: {rejects}",
-               f"extractor status: {status}; unmatched spans: {index['unmatched_spans']}",
-               f"alignment: {align}"]
-    if wall_s is not None:
-        caption.append(f"wall {wall_s:.1f} s: {index['num_samples'] / wall_s:,.0f} samples/s, "
-                       f"{index['num_tokens'] / wall_s:,.0f} tokens/s; "
-                       f"driver peak RSS {_peak_rss_mb():,.0f} MB")
-    if timings:
-        cpu = sum(t["cpu_s"] for t in timings)
-        caption.append(f"{len(timings)} shard task(s) built now: {cpu:.1f} CPU s, "
-                       f"max worker peak RSS {max(t['peak_rss_mb'] for t in timings):,.0f} MB")
-    t.caption = "\n".join(caption)
-    return t
+        batch_size=a.batch_size, overwrite=a.overwrite, retry_failed=a.retry_failed)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from preprocess.pipeline.config import RejectError
     from preprocess.pipeline.driver import run_pipeline
+    from preprocess.pipeline.progress import LiveProgress, summary_table
+    from preprocess.pipeline.report import extractor_counters, run_warnings
     from preprocess.pipeline.steps import read_timings
 
     cfg = config_from_args(a)
+    if a.dry_run or str(cfg.extractor_options.get("dry_run", "")).lower() in ("1", "true", "yes"):
+        return cmd_dry_run(cfg)
+    console = Console()
     t0 = time.perf_counter()
     started = time.time()
-    try:
+    with LiveProgress(cfg.logging_dir, cfg.num_shards, console):
         out = run_pipeline(cfg)
-    except RejectError as e:
-        print(f"error (--strict): {e}", file=sys.stderr)
-        return 2
     wall = time.perf_counter() - t0
-    console = Console()
     index_path = Path(out) / "index.json"
     if not index_path.is_file():  # SLURM: jobs submitted, merge job writes index.json later
         console.print(f"submitted; {index_path} appears when the merge job has run")
         return 0
     timings = [t for t in read_timings(cfg) if (cfg.logging_dir / "timing" / f"shard_{t['shard']:05d}.json")
                .stat().st_mtime >= started]
-    console.print(summary_table(json.loads(index_path.read_text(encoding="utf-8")), wall, timings))
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    console.print(summary_table(index, wall, timings))
+    counters = extractor_counters(timings)
+    if counters:
+        console.print(counters, markup=False, soft_wrap=True)
+    for line in run_warnings(index):
+        console.print(line, style="bold red", markup=False, soft_wrap=True)
     console.print(f"output: {out}")
+    return 0
+
+
+def cmd_dry_run(cfg: Any) -> int:
+    """``run --dry-run``: the LLM cost of what the run would request; no folder, no cache file."""
+    from preprocess.pipeline.report import dry_run
+
+    d = dry_run(cfg)
+    print(f"dry run: {d.selected:,} samples selected, {d.cached:,} already in the cache (free)")
+    print(d.estimate.format() if d.estimate is not None else "nothing to request")
+    for r in d.rejects[:20]:
+        print(f"invalid record: {_reject_line(r)}", file=sys.stderr)
+    return 1 if d.rejects else 0
+
+
+def cmd_split_input(a: argparse.Namespace) -> int:
+    from preprocess.splits import split_input
+
+    parts = split_input(a.file, a.output, a.parts)
+    print(f"wrote {len(parts)} files to {a.output} ({parts[0].name} ... {parts[-1].name}); "
+          f"pass --input {a.output} to run")
     return 0
 
 
@@ -296,11 +304,18 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_stats(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from preprocess.shards import INDEX_FILE
+    from preprocess.pipeline.progress import summary_table
+    from preprocess.pipeline.report import run_warnings
+    from preprocess.rho_stats import rho_report
+    from preprocess.shards import INDEX_FILE, ShardedDataset
 
     index = json.loads((Path(a.path) / INDEX_FILE).read_text(encoding="utf-8"))
     console = Console()
     console.print(summary_table(index))
+    for line in run_warnings(index):
+        console.print(line, style="bold red", markup=False, soft_wrap=True)
+    for part in rho_report(ShardedDataset(a.path), a.outliers, a.rho_above):
+        console.print(part)
     if a.rejects:
         shown = 0
         for shard in index["shards"]:
@@ -384,12 +399,47 @@ def cmd_batch(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "verify": cmd_verify, "inspect": cmd_inspect, "stats": cmd_stats,
-            "cost": cmd_cost, "batch": cmd_batch}
+            "cost": cmd_cost, "batch": cmd_batch, "split-input": cmd_split_input}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; any error is one line on stderr (exit 2), ``--debug`` re-raises it."""
+    import logging
+
+    # Warnings of the library code (a failed request, a skipped line) reach the terminal as one line each.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     a = build_parser().parse_args(argv)
-    return COMMANDS[a.command](a)
+    try:
+        return COMMANDS[a.command](a)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if a.debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; errors without a location of their own (bugs, library
+    errors) get where they were raised."""
+    from preprocess.extractors.base import ExtractorError
+    from preprocess.pipeline.config import RejectError, ShardTaskError
+    from preprocess.shards import ConfigMismatchError
+
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, RejectError):
+        return f"(--strict) {msg}"
+    if isinstance(e, (ConfigMismatchError, ShardTaskError, ExtractorError, FileNotFoundError, ValueError,
+                      KeyError, PermissionError)):
+        return msg
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" (at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}; --debug for the traceback)" \
+        if tb is not None else ""
+    return f"{type(e).__name__}: {msg}{where}"
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Input records: JSONL (plain/.gz/.bz2/.xz/.zst), Parquet and saved HF datasets -> ``Record``/``Reject``.
 
 Every input record yields exactly one ``Record`` or one ``Reject`` (file, line, reason), so the
-counts always add up and nothing disappears silently.  Readers stream: a record is parsed only when
-it belongs to the requested part (``part``/``nparts``: record ``k`` of a file is ours iff
-``k % nparts == part``), which is how several shards share one big file without anyone holding it
-in memory.  Record numbers ``k`` count physical lines (JSONL) or rows (Parquet/HF), 0-based; the
-``line`` reported to users is ``k + 1``.
+counts always add up and nothing disappears silently.  Readers stream a whole source or one
+``Unit`` of it (a byte range of plain JSONL, row groups of Parquet, Arrow files of a saved HF
+dataset), so several tasks share one big file and each byte is read by one task only
+(``preprocess.splits`` decides the units).  ``line`` is the 1-based physical line (JSONL) or row
+(Parquet/HF) number in the source, also inside a unit.
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class ReadStats:
 
     blank_lines: int = 0
     seen: int = 0
+    bytes_read: int = 0  # input bytes this reader consumed (compressed size for compressed streams)
     per_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -157,13 +158,14 @@ def expand_inputs(inputs: list[str | Path], split: str | None = "train") -> list
             add(p, kind)
         else:
             pattern = str(item)
-            matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True)) \
-                if any(c in pattern for c in "*?[") else []
+            if not any(c in pattern for c in "*?["):
+                raise FileNotFoundError(f"input {item}: no such file or directory")
+            matches = [q for q in sorted(Path(m) for m in glob.glob(pattern, recursive=True))
+                       if q.is_file() and _kind_of(q)]
             if not matches:
-                raise FileNotFoundError(f"input {item} does not exist")
+                raise FileNotFoundError(f"input {item}: the pattern matches no .jsonl/.parquet file")
             for q in matches:
-                if _kind_of(q):
-                    add(q, _kind_of(q))  # type: ignore[arg-type]
+                add(q, _kind_of(q))  # type: ignore[arg-type]
     if not out:
         raise FileNotFoundError(f"no input files found in {inputs}")
     # Distinct display names keep default keys ("<name>:<line>") unique across directories.
@@ -173,24 +175,33 @@ def expand_inputs(inputs: list[str | Path], split: str | None = "train") -> list
     return out
 
 
-def open_text_lines(path: Path) -> Iterator[bytes]:
-    """Yield raw lines (bytes) of a possibly compressed file, decompressing as a stream."""
+def open_text_lines(path: Path, progress: ReadStats | None = None) -> Iterator[bytes]:
+    """Yield raw lines (bytes) of a possibly compressed file, decompressing as a stream.
+
+    With ``progress``, its ``bytes_read`` follows the position in the (compressed) file.
+    """
     name = path.name.lower()
+    raw = open(path, "rb", buffering=1 << 20)
     if name.endswith(".gz"):
-        f: Any = gzip.open(path, "rb")
+        f: Any = gzip.GzipFile(fileobj=raw, mode="rb")
     elif name.endswith(".bz2"):
-        f = bz2.open(path, "rb")
+        f = bz2.BZ2File(raw, "rb")
     elif name.endswith(".xz"):
-        f = lzma.open(path, "rb")
+        f = lzma.LZMAFile(raw, "rb")
     elif name.endswith(".zst"):
         import zstandard
 
-        raw = open(path, "rb")
-        f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        f = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
     else:
-        f = open(path, "rb", buffering=1 << 20)
-    with f:
-        yield from f
+        f = raw
+    base = progress.bytes_read if progress is not None else 0
+    with raw, f:
+        for k, line in enumerate(f):
+            if progress is not None and k % 1024 == 0:
+                progress.bytes_read = base + raw.tell()
+            yield line
+        if progress is not None:
+            progress.bytes_read = base + raw.tell()
 
 
 def _parse_domain(obj: dict[str, Any], fields: FieldMap) -> Domain | tuple[str, str, str | None]:
@@ -254,12 +265,15 @@ def record_from_obj(obj: Any, fields: FieldMap, source: str, line: int) -> Recor
     return Record(key=key, domain=dom, response=response, prompt=obj[fields.prompt], source=source, line=line)
 
 
-def _iter_jsonl(src: Source, part: int, nparts: int, fields: FieldMap,
+def _iter_jsonl(src: Source, unit: Unit | None, fields: FieldMap,
                 stats: ReadStats) -> Iterator[Record | Reject]:
-    for k, raw in enumerate(open_text_lines(src.path)):
-        if k % nparts != part:
-            continue
-        line = k + 1
+    if unit is not None and is_splittable(src):
+        lines: Iterator[bytes] = _byte_range_lines(src.path, unit.start, unit.end, stats)
+    else:
+        lines = open_text_lines(src.path, stats)  # a compressed stream is read whole, by one task
+    base = unit.line_base if unit is not None else 0
+    for k, raw in enumerate(lines):
+        line = base + k + 1
         if not raw.strip():
             stats.blank_lines += 1
             continue
@@ -272,75 +286,114 @@ def _iter_jsonl(src: Source, part: int, nparts: int, fields: FieldMap,
         yield record_from_obj(obj, fields, src.name, line)
 
 
-def _iter_parquet(src: Source, part: int, nparts: int, fields: FieldMap,
+def _byte_range_lines(path: Path, start: int, end: int, stats: ReadStats) -> Iterator[bytes]:
+    """The lines of a plain file that *start* in ``[start, end)``: a line crossing ``end`` is read
+    to its end here; the next range skips it by reading from ``start - 1`` to the first newline (a
+    line starts at ``start`` iff byte ``start - 1`` is a newline).  Newline bytes never occur inside
+    a multi-byte UTF-8 character, and ``\r\n`` endings are whitespace to the JSON parser."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        if start > 0:
+            f.seek(start - 1)
+            stats.bytes_read += len(f.readline())
+        pos = f.tell()
+        while pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            stats.bytes_read += len(raw)
+            yield raw
+
+
+def _iter_parquet(src: Source, unit: Unit | None, fields: FieldMap,
                   stats: ReadStats) -> Iterator[Record | Reject]:
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(src.path)
-    k = 0
-    for batch in pf.iter_batches(batch_size=2048):
-        n = batch.num_rows
-        # Materialise only our rows of the batch as Python objects.
-        mine = [i for i in range(n) if (k + i) % nparts == part]
-        if mine:
-            rows = batch.take(mine).to_pylist()
-            for i, obj in zip(mine, rows):
-                stats.seen += 1
-                yield record_from_obj(obj, fields, src.name, k + i + 1)
-        k += n
-
-
-def _iter_hf_disk(src: Source, part: int, nparts: int, fields: FieldMap,
-                  stats: ReadStats) -> Iterator[Record | Reject]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(src.path))
-    if isinstance(ds, datasets.DatasetDict):
-        if src.split not in ds:
-            raise KeyError(f"{src.path}: split {src.split!r} not in saved dataset (has {list(ds)})")
-        ds = ds[src.split]
-    mine = ds.shard(num_shards=nparts, index=part, contiguous=False) if nparts > 1 else ds
-    j = 0
-    for batch in mine.iter(batch_size=1024):
-        cols = list(batch)
-        n = len(batch[cols[0]]) if cols else 0
-        for i in range(n):
-            obj = {c: batch[c][i] for c in cols}
+    md = (pf := pq.ParquetFile(src.path)).metadata
+    groups = range(unit.start, unit.end) if unit is not None else range(md.num_row_groups)
+    stats.bytes_read += sum(row_group_bytes(md, g) for g in groups)
+    k = unit.line_base if unit is not None else 0
+    for batch in pf.iter_batches(batch_size=2048, row_groups=list(groups)):
+        for obj in batch.to_pylist():
+            k += 1
             stats.seen += 1
-            yield record_from_obj(obj, fields, src.name, part + (j + i) * nparts + 1)
-        j += n
+            yield record_from_obj(obj, fields, src.name, k)
 
 
-def iter_records(src: Source, fields: FieldMap, part: int = 0, nparts: int = 1,
-                 stats: ReadStats | None = None) -> Iterator[Record | Reject]:
-    """Stream part ``part`` of ``nparts`` of a source as Records/Rejects, in file order."""
+def row_group_bytes(md: Any, g: int) -> int:
+    """Compressed bytes of row group ``g`` (its column chunks) in Parquet metadata ``md``."""
+    rg = md.row_group(g)
+    return sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+
+
+def hf_arrow_files(src: Source) -> list[Path]:
+    """The Arrow files of a saved HF dataset (split), in order (``state.json``'s ``_data_files``)."""
+    folder = src.path
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        if src.split not in splits:
+            raise KeyError(f"{src.path}: split {src.split!r} not in saved dataset (has {splits})")
+        folder = folder / str(src.split)
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    return [folder / f["filename"] for f in state["_data_files"]]
+
+
+def arrow_rows(path: Path) -> int:
+    """Rows of one Arrow stream file (memory-mapped: only batch headers are touched)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as f:
+        return sum(b.num_rows for b in pa.ipc.open_stream(f))
+
+
+def _iter_hf_disk(src: Source, unit: Unit | None, fields: FieldMap,
+                  stats: ReadStats) -> Iterator[Record | Reject]:
+    import pyarrow as pa
+
+    files = hf_arrow_files(src)
+    chosen = range(unit.start, unit.end) if unit is not None else range(len(files))
+    k = unit.line_base if unit is not None else 0
+    for i in chosen:
+        stats.bytes_read += files[i].stat().st_size
+        with pa.memory_map(str(files[i])) as f:
+            for batch in pa.ipc.open_stream(f):
+                for obj in batch.to_pylist():
+                    k += 1
+                    stats.seen += 1
+                    yield record_from_obj(obj, fields, src.name, k)
+
+
+def is_splittable(src: Source) -> bool:
+    """Plain (uncompressed) JSONL can be split into byte ranges; compressed streams cannot."""
+    return src.kind == "jsonl" and not src.path.name.lower().endswith(COMPRESSED)
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """A piece of one source that one task reads (``preprocess.splits`` decides them).
+
+    ``start``/``end`` (end exclusive) count bytes for plain JSONL (the lines that *start* in the
+    range), row groups for Parquet, Arrow files for a saved HF dataset; a compressed stream is one
+    whole unit (``0``..its size).  ``line_base``: lines (rows) of the source before the unit, so
+    reported line numbers are the file's own.  ``nbytes``: input bytes covered (balancing weight).
+    """
+
+    source: int
+    start: int
+    end: int
+    nbytes: int
+    line_base: int = 0
+
+
+def iter_records(src: Source, fields: FieldMap, stats: ReadStats | None = None,
+                 unit: Unit | None = None) -> Iterator[Record | Reject]:
+    """Stream a source (or one ``unit`` of it) as Records/Rejects, in file order."""
     stats = stats if stats is not None else ReadStats()
     if src.kind == "jsonl":
-        yield from _iter_jsonl(src, part, nparts, fields, stats)
+        yield from _iter_jsonl(src, unit, fields, stats)
     elif src.kind == "parquet":
-        yield from _iter_parquet(src, part, nparts, fields, stats)
+        yield from _iter_parquet(src, unit, fields, stats)
     elif src.kind == "hf_disk":
-        yield from _iter_hf_disk(src, part, nparts, fields, stats)
+        yield from _iter_hf_disk(src, unit, fields, stats)
     else:
         raise ValueError(f"unknown source kind {src.kind!r}")
-
-
-def shard_plan(num_sources: int, num_shards: int, shard: int) -> list[tuple[int, int, int]]:
-    """Which (source index, part, nparts) feed ``shard``: a pure function of the two counts.
-
-    - at least as many sources as shards: source ``j`` goes whole to shard ``j % num_shards``, so
-      each task opens only its own files (the many-files corpus case);
-    - fewer sources than shards: source ``j`` is split record-wise over the shards
-      ``j, j + F, j + 2F, ...`` (F = number of sources), so each task still reads a single file and
-      parses only every ``nparts``-th record of it.
-
-    Either way shard contents depend only on the inputs and ``num_shards``, never on how many
-    workers or nodes run the tasks.
-    """
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} out of range({num_shards})")
-    if num_sources >= num_shards:
-        return [(j, 0, 1) for j in range(shard, num_sources, num_shards)]
-    j = shard % num_sources
-    group = list(range(j, num_shards, num_sources))
-    return [(j, group.index(shard), len(group))]

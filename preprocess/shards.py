@@ -403,6 +403,9 @@ class DomainCounts:
     selected_supervised_tokens: int = 0
     selected_dense_tokens: int = 0
     selected_ratio_sum: float = 0.0  # sum over selected samples of dense/supervised (paper's rho)
+    budget_samples: int = 0  # samples over their rho budget (``preprocess.budget``), trimmed to it
+    budget_dropped_spans: int = 0
+    budget_dropped_tokens: int = 0  # marked by the extractor, unmarked by the budget
 
     def add(self, other: dict[str, Any]) -> None:
         for k, v in other.items():
@@ -433,8 +436,10 @@ def write_index(folder: Path | str, num_shards: int, config: dict[str, Any]) -> 
     status: Counter[str] = Counter()
     alignment: Counter[str] = Counter()
     unmatched = 0
+    read: Counter[str] = Counter()
     for m in manifests:
         st = m["stats"]  # type: ignore[index]
+        read.update({k: st.get(k, 0) for k in ("records_read", "blank_lines", "bytes_read")})
         for name, counts in st["domains"].items():
             domains.setdefault(name, DomainCounts()).add(counts)
         rejects.update(st["rejects"])
@@ -470,6 +475,9 @@ def write_index(folder: Path | str, num_shards: int, config: dict[str, Any]) -> 
         "extract_status": dict(sorted(status.items())),
         "alignment": dict(sorted(alignment.items())),
         "unmatched_spans": unmatched,
+        "records_read": read["records_read"],  # non-blank input records (samples + rejects)
+        "blank_lines": read["blank_lines"],
+        "bytes_read": read["bytes_read"],
         "shards": [{"name": shard_name(k), "num_samples": m["num_samples"], "num_tokens": m["num_tokens"],  # type: ignore[index]
                     "manifest_sha256": sha256_file(folder / manifest_name(shard_name(k)))}
                    for k, m in enumerate(manifests)],
@@ -550,11 +558,43 @@ class ShardReader:
                       sample_id=self.key(i), shard=shard_index)
 
 
+def check_shard_sizes(folder: Path, name: str) -> None:
+    """Cheap completeness check of one shard (no data read): every file's size against the manifest,
+    and the tokens/flags/keys/idx sizes against the ``.idx`` header.  Raises ``ValueError`` naming
+    the file."""
+    manifest = read_manifest(folder, name)
+    if manifest is None:
+        raise ValueError(f"{folder / manifest_name(name)}: missing (shard not finished)")
+    for info in manifest["files"].values():
+        p = folder / info["name"]
+        size = p.stat().st_size if p.is_file() else None
+        if size != info["bytes"]:
+            raise ValueError(f"{p}: {'missing' if size is None else f'{size} bytes'}, its manifest "
+                             f"{manifest_name(name)} says {info['bytes']}")
+    files = shard_files(name)
+    with open(folder / files["idx"], "rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise ValueError(f"{folder / files['idx']}: truncated header ({len(head)} bytes)")
+    magic, version, dtype_code, n, n_tokens, n_keybytes = _HEADER.unpack(head)
+    if magic != MAGIC or version != FORMAT_VERSION or dtype_code not in DType._value2member_map_:
+        raise ValueError(f"{folder / files['idx']}: not a {FORMAT_NAME} v{FORMAT_VERSION} index")
+    expected = {"idx": _index_size(n), "tokens": n_tokens * DType(dtype_code).numpy().itemsize,
+                "flags": n_tokens, "keys": n_keybytes}
+    for role, want in expected.items():
+        size = (folder / files[role]).stat().st_size
+        if size != want:
+            raise ValueError(f"{folder / files[role]}: {size} bytes, the header of {files['idx']} "
+                             f"implies {want}")
+
+
 class ShardedDataset:
     """Random access by global sample index over all shards listed in ``index.json``.
 
-    Opening reads only index.json; shard files are memory-mapped on first access (also after
-    pickling, so DataLoader workers each map their own view instead of copying arrays).
+    Opening reads index.json and checks every shard's file sizes against its manifest and header
+    (``check_shard_sizes``: a truncated or missing file fails here, naming it, not mid-epoch);
+    shard files are memory-mapped on first access (also after pickling, so DataLoader workers
+    each map their own view instead of copying arrays).
     """
 
     def __init__(self, path: Path | str) -> None:
@@ -568,6 +608,8 @@ class ShardedDataset:
             got = f"{self.index.get('format')!r} v{self.index.get('version')}"
             raise ValueError(f"{index_path}: format {got}, expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
         self.shard_names: list[str] = [s["name"] for s in self.index["shards"]]
+        for name in self.shard_names:
+            check_shard_sizes(self.path, name)
         counts = np.array([s["num_samples"] for s in self.index["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._readers: dict[int, ShardReader] = {}

@@ -11,7 +11,9 @@ for requests whose user message contains ``marker``:
 ``"timeout:S"`` (answer after S seconds), ``"malformed"`` (content is not JSON), ``"refusal"``,
 ``"length"`` (truncated), ``"garbage"`` (HTTP 200 with an HTML body), ``"401"`` (echoes the
 Authorization header back, as a careless proxy would: the client must not repeat it),
-``"notfound"`` (spans that are not in the answer).
+``"notfound"`` (spans that are not in the answer), and transient faults: ``"empty_choices"`` (HTTP
+200 with ``choices: []``), ``"error200"`` (HTTP 200 whose body is a 503 error object, as some
+proxies send), ``"reset"`` (the connection is closed without an answer).
 
 Bounded: at most ``max_requests`` requests are served (then 503), and the server shuts itself down
 after ``lifetime`` seconds.  Usage is counted with tiktoken from what was actually received.
@@ -24,6 +26,7 @@ import email.policy
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -56,6 +59,10 @@ def auto_spans(user: str) -> list[dict[str, Any]]:
 class _Server(ThreadingHTTPServer):
     request_queue_size = 512  # the default backlog of 5 refuses connections at concurrency 64
     daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no error
+            super().handle_error(request, client_address)
 
 
 class StubOpenAI:
@@ -144,6 +151,15 @@ class StubOpenAI:
             b = "ok"
         if b == "garbage":  # a 200 whose body is not JSON, as from a misbehaving proxy
             return 200, {"content-type": "text/html"}, "<html>upstream error</html>"
+        if b == "reset":
+            return 0, {}, None
+        if b == "error200":
+            return 200, {}, {"error": {"message": "upstream unavailable", "type": "server_error",
+                                       "code": 503}}
+        if b == "empty_choices":
+            return 200, {}, {"id": "chatcmpl-empty", "object": "chat.completion", "created": int(time.time()),
+                             "model": body.get("model", "stub"), "choices": [],
+                             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
         if b == "500":
             return 500, {}, {"error": {"message": "internal error", "type": "server_error"}}
         if isinstance(b, str) and b.startswith("429"):
@@ -305,6 +321,9 @@ def _make_handler(stub: StubOpenAI) -> type[BaseHTTPRequestHandler]:
                 return
             path = self.path.split("?")[0]
             if path == "/v1/chat/completions":
+                if not raw:  # a client cancelled while sending (the failure-budget tests do)
+                    self._send(400, {"error": {"message": "empty request body"}})
+                    return
                 with stub.lock:
                     stub.counts["chat"] += 1
                     stub.inflight += 1
@@ -316,6 +335,10 @@ def _make_handler(stub: StubOpenAI) -> type[BaseHTTPRequestHandler]:
                 finally:
                     with stub.lock:
                         stub.inflight -= 1
+                if status == 0:  # "reset": hang up without a response
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self._send(status, payload, hdr)
             elif path == "/v1/files":
                 msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(

@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import PreemptionFlag, capture_rng, find_resume, prune_checkpoints, restore_rng
-from trainer.config import ConfigError
-from trainer.config import PREEMPT_EXIT_CODE, CheckpointConfig
+from trainer.config import PREEMPT_EXIT_CODE, CheckpointConfig, ConfigError
 from trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

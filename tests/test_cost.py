@@ -110,7 +110,8 @@ def test_estimate_equals_tokens_the_server_received(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     items = _items()[:30] + _items()[-10:]
     with StubOpenAI(lifetime=60) as s:
-        x = get_extractor("llm", base_url=s.base_url, cache_dir=str(tmp_path))
+        x = get_extractor("llm", base_url=s.base_url, cache_dir=str(tmp_path),
+                          limits_dir=str(tmp_path / "limits"))
         x.extract_batch(items)
         received = s.counts["prompt_tokens"]
     est = estimate_cost(items, "gpt-4o", preselected=True)

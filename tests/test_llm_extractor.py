@@ -61,7 +61,7 @@ def api_key(monkeypatch):
 
 def _x(stub: StubOpenAI, tmp_path: Path, **kw) -> LLMExtractor:
     opts = dict(base_url=stub.base_url, cache_dir=str(tmp_path / "cache"), backoff_base="0.01",
-                max_concurrency="8")
+                max_concurrency="8", limits_dir=str(tmp_path / "limits"))
     opts.update(kw)
     return get_extractor("llm", **opts)
 

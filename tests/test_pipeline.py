@@ -69,7 +69,24 @@ class BrokenExtractor:
         return [ExtractResult(spans=[Span(0, len(it.response) + 5)], status="partial") for it in items]
 
 
-EXTRACTORS.update({"test-digits": DigitsExtractor, "test-broken": BrokenExtractor})
+class CrashingExtractor:
+    """Raises on its second batch (an extractor bug, or a lost connection)."""
+
+    name = "test-crash"
+    version = "1"
+
+    def __init__(self, **_: object) -> None:
+        self.calls = 0
+
+    def extract_batch(self, items: Sequence[ExtractInput]) -> list[ExtractResult]:
+        self.calls += 1
+        if self.calls == 2:
+            raise ConnectionError("extractor backend\nwent away")
+        return [ExtractResult() for _ in items]
+
+
+EXTRACTORS.update({"test-digits": DigitsExtractor, "test-broken": BrokenExtractor,
+                   "test-crash": CrashingExtractor})
 
 
 def _subset(tmp_path: Path, n: int = 90, every: int = 33) -> tuple[Path, dict[str, dict]]:
@@ -143,6 +160,40 @@ def test_output_is_independent_of_worker_count(tmp_path: Path):
     fa, fb = _data_files(a), _data_files(b)
     assert fa.keys() == fb.keys() and len(fa) == 3 * 6 + 2  # 6 files per shard, index.json, lock file
     assert fa == fb
+
+
+def _concatenated(folder: Path) -> dict[str, bytes]:
+    """Each data file kind of all shards laid end to end (the .idx without its per-shard header)."""
+    index = json.loads((folder / INDEX_FILE).read_text())
+    out: dict[str, bytes] = {}
+    for role in ("tokens", "flags", "keys", "rejects"):
+        out[role] = b"".join((folder / shard_files(s["name"])[role]).read_bytes() for s in index["shards"])
+    out["domains"] = b"".join(np.asarray(ShardedDataset(folder).shard(k).domains).tobytes()
+                              for k in range(index["num_shards"]))
+    return out
+
+
+def test_output_is_independent_of_task_count_and_shards_are_balanced(tmp_path: Path):
+    """Byte-range splitting: shards are consecutive stretches of the input, so the shards laid end
+    to end are the same bytes for any number of tasks; and they hold equal shares of the tokens."""
+    rows = [json.loads(line) for line in SAMPLE_PATH.read_text(encoding="utf-8").split("\n") if line.strip()]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    bad = ["{bad", json.dumps({"id": "x", "domain": "art", "prompt": "q", "response": "a"})]
+    parts = (("a.jsonl", rows[:200:3]), ("b.jsonl", rows[200:1400:3]), ("c.jsonl", rows[1400:1700:3]))
+    for name, part in parts:
+        lines = [json.dumps(r, ensure_ascii=False) for r in part]
+        lines[5:5] = bad
+        (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ref = _concatenated(run_pipeline(_cfg(folder, tmp_path / "t1", num_shards=1, extractor="test-digits")))
+    for n in (4, 7):
+        out = run_pipeline(_cfg(folder, tmp_path / f"t{n}", num_shards=n, extractor="test-digits"))
+        assert _concatenated(out) == ref, n
+        tokens = [s["num_tokens"] for s in json.loads((out / INDEX_FILE).read_text())["shards"]]
+        assert max(tokens) / np.mean(tokens) < 1.10 and min(tokens) / np.mean(tokens) > 0.90, tokens
+        index = ShardedDataset(out).index
+        assert index["records_read"] == len(ShardedDataset(out)) + index["num_rejects"]
+        assert index["bytes_read"] >= sum(p.stat().st_size for p in folder.iterdir())
 
 
 def _cli(args: list[str], log: Path, env_extra: dict[str, str] | None = None) -> int:
@@ -253,7 +304,7 @@ def test_idempotent_and_config_change_refused(tmp_path: Path):
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     run_pipeline(_cfg(inp, tmp_path / "out", workers=2))  # execution settings do not matter
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == before
-    with pytest.raises(ConfigMismatchError, match="different configuration"):
+    with pytest.raises(ConfigMismatchError, match=r"setting max_length changed \(2048 -> 512\) since shard"):
         run_pipeline(_cfg(inp, tmp_path / "out", max_length=512))
     run_pipeline(_cfg(inp, tmp_path / "out", max_length=512, overwrite=True))
     assert ShardedDataset(out).index["config"]["max_length"] == 512 and verify(out) == []
@@ -422,3 +473,18 @@ def test_concurrent_drivers_share_one_output(tmp_path: Path):
     ref = run_pipeline(_cfg(inp, tmp_path / "ref"))
     assert verify(tmp_path / "shared") == []
     assert _data_files(tmp_path / "shared") == _data_files(ref)
+
+
+def test_a_failing_task_is_one_line_with_its_log(tmp_path: Path, capsys):
+    from preprocess.cli import main
+
+    inp, _ = _subset(tmp_path, n=40)
+    args = ["run", "--input", str(inp), "--output", str(tmp_path / "o"), "--workers", "1",
+            "--num-shards", "2", "--extractor", "test-crash", "--batch-size", "4"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and "Traceback" not in captured.err + captured.out, captured.err
+    log = tmp_path / "o" / "logs" / "shards" / "logs" / "task_00000.log"
+    assert err == f"error: shard_00000: ConnectionError: extractor backend went away (traceback in {log})"
+    assert "Traceback" in log.read_text() and not (tmp_path / "o" / "shard_00000.json").exists()

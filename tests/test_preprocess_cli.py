@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,17 @@ def test_run_prints_summary(small_input: Path, tmp_path: Path, capsys):
     out = tmp_path / "pp"
     assert main(["run", "--input", str(small_input), "--output", str(out), "--workers", "1",
                  "--num-shards", "2", "--extractor", "none"]) == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())
     assert "samples" in text and "rho" in text and "malformed_json: 1" in text and "tokens/s" in text
-    assert "2 shard task(s) built now" in text and "max worker peak RSS" in text
+    assert "this run: 2 shard(s) built" in text and "max worker peak RSS" in text
+    assert "records, 0 blank lines" in text and "Total Runtime" not in text
+    # A rerun has nothing to do and must not claim a throughput.
+    assert main(["run", "--input", str(small_input), "--output", str(out), "--workers", "1",
+                 "--num-shards", "2", "--extractor", "none"]) == 0
+    captured = capsys.readouterr()
+    text = " ".join(captured.out.split())
+    assert "this run: nothing to do, all 2 shards were complete" in text and "samples/s" not in text
+    assert "Total Runtime" not in captured.err
 
 
 def test_verify_ok_then_corrupted(built: Path, tmp_path: Path, capsys):
@@ -72,11 +81,87 @@ def test_stats_lists_rejects(built: Path, capsys):
     assert "small.jsonl:" in out and "malformed_json" in out
 
 
-def test_strict_exit_code(small_input: Path, tmp_path: Path, capsys):
-    rc = main(["run", "--input", str(small_input), "--output", str(tmp_path / "s"), "--workers", "1",
-               "--num-shards", "1", "--extractor", "none", "--strict"])
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_strict_stops_at_the_first_bad_record_in_input_order(tmp_path: Path, capsys, workers: int):
+    good = {"domain": "math", "prompt": "q", "response": "a"}
+    lines = [json.dumps({**good, "id": f"g{i}"}) for i in range(40)]
+    lines[9], lines[25], lines[33] = "{broken", json.dumps({"id": "x", "domain": "art", "prompt": "q",
+                                                           "response": "a"}), "[1]"
+    p = tmp_path / "in.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    rc = main(["run", "--input", str(p), "--output", str(tmp_path / "s"), "--workers", str(workers),
+               "--num-shards", "4", "--extractor", "none", "--strict"])
     assert rc == 2
-    assert "small.jsonl:" in capsys.readouterr().err
+    assert _one_error_line(capsys).startswith("error: (--strict) in.jsonl:10: malformed_json")
+
+
+def test_errors_are_one_line(small_input: Path, tmp_path: Path, capsys):
+    run = ["run", "--output", str(tmp_path / "o"), "--workers", "1", "--num-shards", "2",
+           "--extractor", "none"]
+    assert main([*run, "--input", str(tmp_path / "nothing" / "*.jsonl")]) == 2
+    assert "nothing/*.jsonl: the pattern matches no" in _one_error_line(capsys)
+    assert main([*run, "--input", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl: no such file" in _one_error_line(capsys)
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(small_input.read_bytes())
+    assert main([*run, "--input", str(inp)]) == 0
+    capsys.readouterr()
+    assert main([*run, "--input", str(inp), "--max-length", "99"]) == 2
+    err = _one_error_line(capsys)
+    assert "setting max_length changed (2048 -> 99) since shard_00000 was made" in err
+    assert "--overwrite" in err
+    # An edit that keeps the size, with the old mtime put back: the edge hash still sees it.
+    st = inp.stat()
+    data = inp.read_bytes()
+    inp.write_bytes(data.replace(b'"math"', b'"MATH"', 1))
+    os.utime(inp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert inp.stat().st_size == st.st_size
+    assert main([*run, "--input", str(inp)]) == 2
+    assert f"input {inp.resolve()} changed (edges)" in _one_error_line(capsys)
+    inp.write_bytes(data)  # same bytes, new mtime: still a change (the file was touched)
+    assert main([*run, "--input", str(inp)]) == 2
+    assert "changed (mtime_ns)" in _one_error_line(capsys)
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", *run, "--input", str(tmp_path / "missing.jsonl")])
+
+
+def test_truncated_shard_is_named_when_the_folder_is_opened(built: Path, tmp_path: Path, capsys):
+    from preprocess.shards import ShardedDataset
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in built.iterdir():
+        if p.is_file():
+            (copy / p.name).write_bytes(p.read_bytes())
+    tokens = copy / shard_files("shard_00001")["tokens"]
+    tokens.write_bytes(tokens.read_bytes()[:-6])
+    with pytest.raises(ValueError, match=r"shard_00001.tokens.bin: \d+ bytes, its manifest shard_00001.json"):
+        ShardedDataset(copy)
+    assert main(["inspect", str(copy), "--index", "0"]) == 2
+    assert "shard_00001.tokens.bin" in _one_error_line(capsys)
+
+
+def test_split_input_command(tmp_path: Path, capsys):
+    import gzip
+
+    rows = [json.dumps({"id": f"r{i}", "domain": "math", "prompt": "q", "response": "a" * (i % 50)})
+            for i in range(2000)]
+    big = tmp_path / "big.jsonl.gz"
+    with gzip.open(big, "wt") as f:
+        f.write("\n".join(rows) + "\n")
+    assert main(["split-input", str(big), "--parts", "3", "--output", str(tmp_path / "parts")]) == 0
+    assert "wrote 3 files" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "parts").iterdir())
+    assert names == [f"big.{i:05d}-of-00003.jsonl.gz" for i in range(3)]
+    back = [line for n in names for line in gzip.open(tmp_path / "parts" / n, "rt").read().splitlines()]
+    assert back == rows
 
 
 def test_flags_map_onto_config():
@@ -97,3 +182,23 @@ def test_flags_map_onto_config():
     assert not cfg.use_chat_template
     with pytest.raises(Exception, match="key=value"):
         _kv("novalue")
+
+
+def test_progress_reports_and_table(built: Path, small_input: Path):
+    from rich.console import Console
+
+    from preprocess.pipeline.progress import progress_table, read_progress
+
+    states = read_progress(built / "logs", since=0.0)
+    assert [s["shard"] for s in states] == [0, 1] and all(s["done"] for s in states)
+    assert sum(s["records"] for s in states) == len(small_input.read_text().splitlines())
+    assert sum(s["bytes"] for s in states) >= small_input.stat().st_size
+    assert read_progress(built / "logs", since=max(s["start"] for s in states) + 1) == []  # older runs
+    running = [dict(states[0], done=False, bytes=states[0]["bytes_total"] // 2, now=states[0]["start"] + 2.0)]
+    console = Console(width=100, record=True)
+    console.print(progress_table(running, running[0]["start"] + 2.0, 2, running[0]["start"],
+                                 planned_bytes=4 * states[0]["bytes_total"]))
+    text = console.export_text()
+    assert "records/s" in text and "tokens/s" in text and "MB/s" in text and "ETA" in text
+    assert "shard 0" in text and "50 %" in text and "12 %" in text  # 1/2 of the task, 1/8 overall
+    assert "2 s" in text  # this task's ETA: as long again as it has run

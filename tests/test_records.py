@@ -5,7 +5,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,9 @@ from preprocess.records import (
     Reject,
     expand_inputs,
     iter_records,
-    shard_plan,
 )
 from preprocess.shards import Domain
+from preprocess.splits import plan_shards
 
 GOOD = [{"id": f"r{i}", "domain": ["math", "code"][i % 2], "prompt": f"q{i} é", "response": f"a{i} 東"}
         for i in range(10)]
@@ -70,14 +69,21 @@ def test_parquet_and_saved_hf_dataset(tmp_path: Path):
     pq.write_table(pa.Table.from_pylist(GOOD), tmp_path / "d.parquet", row_group_size=3)
     out = _read_all(tmp_path / "d.parquet")
     assert [r.key for r in out] == [g["id"] for g in GOOD]
-    # Parts of a parquet file: rows k with k % 3 == 1, reported with their 1-based row numbers.
-    part = _read_all(tmp_path / "d.parquet", part=1, nparts=3)
-    assert [r.line for r in part] == [2, 5, 8]
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(GOOD)}).save_to_disk(str(tmp_path / "hf"))
+    # Split by row groups (3+3+3+1 rows): each shard reads whole groups, rows keep their numbers.
+    (src,) = expand_inputs([tmp_path / "d.parquet"])
+    plan = plan_shards([src], 2)
+    parts = [[r.line for u in units for r in iter_records(src, FieldMap(), unit=u)] for units in plan]
+    assert parts[0] + parts[1] == list(range(1, 11)) and len(parts[0]) % 3 == 0 and parts[1]
+    ds = datasets.Dataset.from_list(GOOD)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "hf"), max_shard_size=300)
     out = _read_all(tmp_path / "hf")
     assert [r.key for r in out] == [g["id"] for g in GOOD]
-    part = _read_all(tmp_path / "hf", part=2, nparts=4)
-    assert [r.key for r in part] == ["r2", "r6"] and [r.line for r in part] == [3, 7]
+    # Split by Arrow files: every shard reads its own files, rows keep their numbers.
+    (src,) = expand_inputs([tmp_path / "hf"])
+    plan = plan_shards([src], 3)
+    assert sum(u.end - u.start for units in plan for u in units) > 1  # several Arrow files
+    got = [r for units in plan for u in units for r in iter_records(src, FieldMap(), unit=u)]
+    assert [r.key for r in got] == [g["id"] for g in GOOD] and [r.line for r in got] == list(range(1, 11))
 
 
 def test_every_reject_reason_with_location(tmp_path: Path):
@@ -147,18 +153,95 @@ def test_expand_inputs_directory_order_and_errors(tmp_path: Path):
         expand_inputs([tmp_path / "notes.txt"])
 
 
-@pytest.mark.parametrize("num_sources,num_shards", [(1, 1), (1, 8), (3, 8), (8, 8), (20, 8), (5, 3)])
-def test_shard_plan_is_a_partition(num_sources, num_shards):
-    """Every record (source j, record k) lands in exactly one shard; each shard reads few sources."""
-    records_per_source = 37
-    owner: Counter[tuple[int, int]] = Counter()
-    for s in range(num_shards):
-        plan = shard_plan(num_sources, num_shards, s)
-        if num_sources < num_shards:
-            assert len(plan) == 1  # one file per task even when files are fewer than shards
-        for j, part, nparts in plan:
-            for k in range(records_per_source):
-                if k % nparts == part:
-                    owner[(j, k)] += 1
-    assert set(owner.values()) == {1}
-    assert len(owner) == num_sources * records_per_source
+def _units_read(sources, num_shards: int) -> tuple[list[list], ReadStats]:
+    stats = ReadStats()
+    out = [[(r.source, r.line, r.key) for u in units
+            for r in iter_records(sources[u.source], FieldMap(), stats, u)]
+           for units in plan_shards(sources, num_shards)]
+    return out, stats
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 7, 40])
+def test_byte_ranges_cover_every_line_once(tmp_path: Path, num_shards: int):
+    """CRLF endings, a last line without newline, multi-byte UTF-8 on every border, a blank line,
+    a malformed one: the byte ranges give back every line once, in order, with its true number."""
+    rows = [json.dumps({"id": f"r{i}", "domain": "math", "prompt": "p", "response": "東é" * (i % 13 + 1)},
+                       ensure_ascii=False) for i in range(120)]
+    rows[7], rows[30] = "{broken", ""
+    p = tmp_path / "crlf.jsonl"
+    p.write_bytes("\r\n".join(rows).encode("utf-8"))  # no newline after the last line
+    sources = expand_inputs([p])
+    whole = [(r.source, r.line, r.key) for r in iter_records(sources[0], FieldMap())]
+    assert len(whole) == 119 and whole[-1][1] == 120 and whole[7][1] == 8
+    parts, stats = _units_read(sources, num_shards)
+    assert [x for part in parts for x in part] == whole
+    assert stats.blank_lines == 1 and stats.seen == 119
+    size = p.stat().st_size
+    # Each border re-reads at most the rest of one line (the next range skips it).
+    assert size <= stats.bytes_read <= size + (num_shards - 1) * max(len(r) + 2 for r in rows)
+
+
+def test_every_border_position(tmp_path: Path):
+    """Cut a small file at every byte: no line lost, none doubled, numbers right."""
+    p = tmp_path / "x.jsonl"
+    text = '{"id": "a", "domain": "math", "prompt": "", "response": "ü1"}\n\n' \
+           '{"id": "b", "domain": "code", "prompt": "", "response": "東2"}\r\n' \
+           '{"id": "c", "domain": "math", "prompt": "", "response": "3"}'
+    p.write_bytes(text.encode())
+    (src,) = expand_inputs([p])
+    from preprocess.records import Unit
+    from preprocess.splits import count_lines_before
+
+    size = p.stat().st_size
+    for cut in range(1, size):
+        base = count_lines_before(p, [cut])[cut]
+        got = [(r.key, r.line) for u in (Unit(0, 0, cut, cut), Unit(0, cut, size, size - cut, base))
+               for r in iter_records(src, FieldMap(), unit=u)]
+        assert got == [("a", 1), ("b", 3), ("c", 4)], cut
+
+
+def test_plan_balances_bytes_and_keeps_input_order(tmp_path: Path):
+    """Three unequal plain files into 4 shards: equal bytes per shard; compressed files go whole."""
+    for name, n in (("a.jsonl", 50), ("b.jsonl", 300), ("c.jsonl", 90)):
+        _write_jsonl(tmp_path / name, [dict(g, id=f"{name}-{i}") for i in range(n) for g in GOOD[:1]])
+    sources = expand_inputs([tmp_path])
+    plan = plan_shards(sources, 4)
+    sizes = [sum(u.nbytes for u in units) for units in plan]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == sum(s.path.stat().st_size for s in sources)
+    parts, _ = _units_read(sources, 4)
+    counts = [len(x) for x in parts]
+    assert max(counts) / (sum(counts) / 4) < 1.05
+    assert [x for part in parts for x in part] == _units_read(sources, 1)[0][0]  # input order kept
+    (tmp_path / "z").mkdir()
+    for i in range(4):
+        _write_jsonl(tmp_path / "z" / f"{i}.jsonl.gz", GOOD, gzip.open)
+    plan = plan_shards(expand_inputs([tmp_path / "z"]), 2)
+    assert [[(u.source, u.start) for u in units] for units in plan] == [[(0, 0), (1, 0)], [(2, 0), (3, 0)]]
+
+
+def test_split_input_rewrites_one_compressed_file(tmp_path: Path):
+    import zstandard
+
+    from preprocess.splits import split_input
+
+    raw = "".join(json.dumps(dict(g, id=f"{i}-{g['id']}")) + "\n" for i in range(200) for g in GOOD).encode()
+    big = tmp_path / "big.jsonl.zst"
+    big.write_bytes(zstandard.ZstdCompressor().compress(raw))
+    parts = split_input(big, tmp_path / "parts", 4)
+    assert [q.name for q in parts] == [f"big.{i:05d}-of-00004.jsonl.zst" for i in range(4)]
+    keys = [r.key for s in expand_inputs([tmp_path / "parts"]) for r in iter_records(s, FieldMap())]
+    assert keys == [r.key for r in _read_all(big)]
+    sizes = [len(zstandard.ZstdDecompressor().decompressobj().decompress(q.read_bytes())) for q in parts]
+    assert min(sizes) > 0
+
+
+def test_imbalance_note_recommends_split_input(tmp_path: Path):
+    from preprocess.splits import imbalance_note
+
+    _write_jsonl(tmp_path / "big.jsonl.gz", [dict(GOOD[0], id=f"b{i}") for i in range(500)], gzip.open)
+    _write_jsonl(tmp_path / "small.jsonl", GOOD)
+    sources = expand_inputs([tmp_path])
+    note = imbalance_note(sources, plan_shards(sources, 4))
+    assert note is not None and "big.jsonl.gz cannot be split" in note
+    assert "dm-preprocess split-input" in note and "--parts 4" in note
+    assert imbalance_note(sources[1:], plan_shards(sources[1:], 4)) is None  # plain files split evenly

@@ -115,15 +115,18 @@ def test_sample_all_ok_and_contract_holds(sample_results):
     assert [r.status for r in results].count("ok") == len(items)
     for it, r in zip(items, results):
         _check_contract(it.response, r.spans)
-    # every sample gets at least one span: code has a return/condition/loop, GSM8K a final answer
-    assert all(r.spans for r in results)
+    # every sample gets a span (code a condition, a loop or a computation, GSM8K a final answer) except
+    # MBPP 'empty_list': "[{} for _ in range(length)]; return empty_list" only builds an empty structure
+    empty = [it.response for it, r in zip(items, results) if not r.spans]
+    assert len(empty) == 1 and "empty_list = [{} for _ in range(length)]" in empty[0]
 
 
 def test_token_level_rho_on_sample_is_in_the_documented_range(sample_results):
     """rho = info-dense share of supervised tokens (response + EOS), mean per sample (paper §3.2).
 
-    Figures in docs/extractors.md: code 0.34, math 0.25 on this sample; the guard is
-    the 0.2-0.4 band the rules are designed for (paper, GPT-4o: 0.25 / 0.31)."""
+    Figures in docs/extraction_agreement.md: code 0.40, math 0.28 on this sample (rules 2.0.0; the
+    bundled code is bare MBPP functions, which the hand-labelled agreement set marks at 0.37: denser
+    than the paper's OPC-SFT answers with prose, GPT-4o 0.25 / 0.31)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
@@ -137,7 +140,7 @@ def test_token_level_rho_on_sample_is_in_the_documented_range(sample_results):
             dense |= (off[:, 0] < s.end) & (off[:, 1] > s.start)
         per[it.domain].append(dense.sum() / (len(off) + 1))
     rho_code, rho_math = statistics.fmean(per[Domain.CODE]), statistics.fmean(per[Domain.MATH])
-    assert 0.25 < rho_code < 0.4, rho_code
+    assert 0.3 < rho_code < 0.45, rho_code
     assert 0.2 < rho_math < 0.35, rho_math
 
 
@@ -150,17 +153,17 @@ def test_span_edges_do_not_leak_onto_leading_space_tokens():
     (res,) = RuleExtractor().extract_batch([ExtractInput("k", "", text, Domain.MATH)])
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     dense = [text[a:b] for a, b in enc["offset_mapping"] if any(a < s.end and b > s.start for s in res.spans)]
-    assert "".join(dense).replace(" ", "") == "48/2=24"
+    assert "".join(dense).replace(" ", "") == "48/2=24clips"  # rules 2.0: the result takes its unit
     assert " <<" not in dense and "<<" not in dense
 
 
-# sha256 over [id, status, spans] of every bundled sample, recorded with the rules as they were
-# before the hot path moved to tuples (_finish, math_span_tuples, annotation cuts by bisection):
-# the optimisations must not move a single span.
+# sha256 over [id, status, spans] of every bundled sample, recorded with the rules 2.0.0 (calibrated on
+# benchmarks/data/extraction_agreement): an optimisation must not move a single span; a deliberate
+# change of the rules bumps RULES_VERSION and re-records these.
 _SAMPLE_SPAN_DIGESTS = {
-    "": "533f694667ea9dbcf1f8b47476ccfa9733faa1290fae8a34ef82970e7b8a6585",
-    "return_definitions=1,calc_annotations=1,code_prose_math=1":
-        "1a75b90c4d626b5d1760f12b98651f533ec264b52b5fed4f45ab51a5d7d2345f",
+    "": "abf66c74493c349e75865fd4bfdc030b5b4c53a38efca0338097bfef31db6d20",
+    "return_definitions=0,calc_annotations=1,code_prose_math=1":
+        "f4228f374b391280d3328c291e7ab1bbc7d1459679299091fe2a801ccb913ad7",
 }
 
 

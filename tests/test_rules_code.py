@@ -41,26 +41,28 @@ MBPP_3 = ("import math\r\ndef is_not_prime(n):\r\n    result = False\r\n"
 
 
 def test_mbpp_1_loops_recurrences_and_return_with_crlf_and_tabs():
+    # rules 2.0: loop heads start at "for"; "[[0 for x in range(C)] for x in range(R)]" is set-up (plain
+    # walks over the input), the bounded loops "range(1, m+1)" carry the algorithm
     assert marked(fence(MBPP_1)) == [
-        ("x in range(C)", "loop"), ("x in range(R)", "loop"),
-        ("i in range(1, m+1)", "loop"), ("tc[i][0] = tc[i-1][0] + cost[i][0]", "update"),
-        ("j in range(1, n+1)", "loop"), ("tc[0][j] = tc[0][j-1] + cost[0][j]", "update"),
-        ("i in range(1, m+1)", "loop"), ("j in range(1, n+1)", "loop"),
+        ("for i in range(1, m+1)", "loop"), ("tc[i][0] = tc[i-1][0] + cost[i][0]", "update"),
+        ("for j in range(1, n+1)", "loop"), ("tc[0][j] = tc[0][j-1] + cost[0][j]", "update"),
+        ("for i in range(1, m+1)", "loop"), ("for j in range(1, n+1)", "loop"),
         ("tc[i][j] = min(tc[i-1][j-1], tc[i-1][j], tc[i][j-1]) + cost[i][j]", "update"),
         ("tc[m][n]", "return"),
     ]
 
 
-def test_mbpp_2_return_value_and_option_return_definitions():
-    assert marked(fence(MBPP_2)) == [("res", "return")]
-    assert marked(fence(MBPP_2), return_definitions=True) == [
-        ("res = tuple(set(test_tup1) & set(test_tup2))", "update"), ("res", "return")]
+def test_mbpp_2_bare_return_is_glue_its_computation_is_dense():
+    # rules 2.0: "return (res)" only names the result; the line computing it is the dense one
+    assert marked(fence(MBPP_2)) == [("res = tuple(set(test_tup1) & set(test_tup2))", "update")]
+    code = "def f(xs):\n    res = sorted(set(xs))\n    return res\n"
+    assert marked(code) == [("res = sorted(set(xs))", "update")]
+    assert marked(code, return_definitions=False) == []
 
 
 def test_mbpp_3_condition_loop_update():
-    assert marked(fence(MBPP_3)) == [("i in range(2,int(math.sqrt(n)) + 1)", "loop"),
-                                     ("n % i == 0", "condition"), ("result = True", "update"),
-                                     ("result", "return")]
+    assert marked(fence(MBPP_3)) == [("for i in range(2,int(math.sqrt(n)) + 1)", "loop"),
+                                     ("if n % i == 0", "condition"), ("result = True", "update")]
     # the set-up assignment "result = False" is glue, not a recurrence
     assert ("result = False", "update") not in marked(fence(MBPP_3), return_definitions=True)
 
@@ -70,9 +72,11 @@ def test_conditions_comparisons_and_setup_glue():
             "    ok = [x for x in a if x % 2 == 0]\n    y = 1 if n < 3 else 2\n    a, b = b, a + b\n"
             "    assert n >= 0, 'neg'\n    return g(n == 1)\n")
     got = marked(fence(code))
+    # rules 2.0: "k = n // 2" computes; "k -= 1" is an index step (k is not a result); "x in a"
+    # walks the input; the comprehension's element "x" only names the loop variable
     assert got == [
-        ("k > 0 and a", "condition"), ("k -= 1", "update"),
-        ("x in a", "loop"), ("x % 2 == 0", "condition"), ("n < 3", "condition"),
+        ("k = n // 2", "update"), ("while k > 0 and a", "condition"),
+        ("x % 2 == 0", "condition"), ("n < 3", "condition"),
         ("a, b = b, a + b", "update"), ("n >= 0", "condition"), ("g(n == 1)", "return"),
     ]
     # comparisons outside conditions are their own kind
@@ -84,7 +88,7 @@ def test_non_ascii_identifiers_and_strings_use_str_offsets_not_utf8_bytes():
             '    for ch in "\u00fc\u2192" + s:\n        if ch == "\u2192" and \u00e4:\n'
             '            \u00e4 += len("\u00e9")\n    return "\u2713" + \u540d\u524d\n')
     got = marked(fence(code))
-    assert got == [('ch in "\u00fc\u2192" + s', "loop"), ('ch == "\u2192" and \u00e4', "condition"),
+    assert got == [('for ch in "\u00fc\u2192" + s', "loop"), ('if ch == "\u2192" and \u00e4', "condition"),
                    ('\u00e4 += len("\u00e9")', "update"), ('"\u2713" + \u540d\u524d', "return")]
 
 
@@ -97,7 +101,7 @@ def test_line_index_converts_byte_columns():
 
 def test_crlf_lone_cr_and_tabs():
     code = "def f(x):\r\n\tif x:\r\t\treturn x + 1\n\treturn 0"
-    assert marked(code) == [("x", "condition"), ("x + 1", "return"), ("0", "return")]
+    assert marked(code) == [("if x", "condition"), ("x + 1", "return")]  # "return 0": a constant
 
 
 def test_bare_code_without_fence_and_untagged_fence():
@@ -108,7 +112,7 @@ def test_bare_code_without_fence_and_untagged_fence():
 
 def test_indented_block_keeps_offsets():
     text = "1. Write it:\n\n   ```python\n   if a > b:\n       m = a\n   ```\n"
-    assert marked(text) == [("a > b", "condition")]
+    assert marked(text) == [("if a > b", "condition")]
 
 
 def test_unparsable_python_falls_back_to_line_regex_and_is_counted():
@@ -122,7 +126,7 @@ def test_unparsable_tail_keeps_ast_spans_of_the_parseable_prefix():
     spans, ok = code_spans(code, CodeRuleOptions())
     assert not ok
     assert [(code[s.start:s.end], s.kind) for s in spans] == [
-        ("i in x", "loop"), ("y = y * i", "update"), ("y == 1", "return")]
+        ("y = y * i", "update"), ("y == 1", "return")]
 
 
 def test_other_language_uses_regex_and_is_reported():
@@ -135,8 +139,8 @@ def test_other_language_uses_regex_and_is_reported():
 
 def test_prose_around_code_is_not_marked_for_code_but_is_for_math_and_other():
     text = "If 2 + 2 = 4 then:\n```python\nif a < b:\n    pass\n```\nSo 3 * 3 = 9."
-    assert marked(text) == [("a < b", "condition")]
-    both = [("2 + 2 = 4", "equation"), ("a < b", "condition"), ("3 * 3 = 9", "equation")]
+    assert marked(text) == [("if a < b", "condition")]
+    both = [("2 + 2 = 4", "equation"), ("if a < b", "condition"), ("3 * 3 = 9", "equation")]
     assert marked(text, Domain.OTHER) == both
     assert marked(text, Domain.MATH) == both
     assert marked(text, code_prose_math=True) == both
@@ -147,7 +151,7 @@ def test_fences_tildes_unclosed_and_info_strings():
     blocks = find_fences(text)
     assert [(text[b.start:b.end], b.lang) for b in blocks] == [
         ("x = 1\n", "python"), ("while q: q.pop()\n", "py")]
-    assert marked(text) == [("q", "condition")]
+    assert marked(text) == [("while q", "condition"), ("q.pop()", "update")]
 
 
 def test_fstrings_are_not_descended_and_match_guards_are_conditions():
@@ -156,20 +160,21 @@ def test_fstrings_are_not_descended_and_match_guards_are_conditions():
 
 
 def test_nested_function_in_loop_is_not_in_the_loop():
-    code = "for i in r:\n    def g():\n        z = 1\n        return z\n    w = i\n"
-    assert marked(code) == [("i in r", "loop"), ("z", "return"), ("w = i", "update")]
+    # "z = f(1)" would be an operative call if g's body counted as the loop's
+    code = "for i in range(1, n):\n    def g():\n        z = f(1)\n        return z + 1\n    w = h(i)\n"
+    assert marked(code) == [("for i in range(1, n)", "loop"), ("z + 1", "return"), ("w = h(i)", "update")]
 
 
 def test_options_switch_code_rules_off():
     text = fence(MBPP_3)
-    assert marked(text, loops=False, assignments=False) == [("n % i == 0", "condition"), ("result", "return")]
+    assert marked(text, loops=False, assignments=False) == [("if n % i == 0", "condition")]
     assert marked(text, conditions=False, returns=False) == [
-        ("i in range(2,int(math.sqrt(n)) + 1)", "loop"), ("n % i == 0", "compare"),
+        ("for i in range(2,int(math.sqrt(n)) + 1)", "loop"), ("n % i == 0", "compare"),
         ("result = True", "update")]
 
 
 def test_syntax_warnings_and_null_bytes_do_not_escape(recwarn):
-    assert marked('import re\nif re.match("\\d", s):\n    pass\n') == [('re.match("\\d", s)', "condition")]
+    assert marked('import re\nif re.match("\\d", s):\n    pass\n') == [('if re.match("\\d", s)', "condition")]
     assert not [w for w in recwarn if issubclass(w.category, SyntaxWarning)]
     res = run("if a\x00:\n    return b\n")
     assert res.status == "unparsable_code"
@@ -177,7 +182,7 @@ def test_syntax_warnings_and_null_bytes_do_not_escape(recwarn):
 
 def test_untagged_fence_that_is_not_python_is_not_a_parse_failure():
     text = "```python\nif a:\n    b = 1\n```\nUsage:\n```\n>>> f(2)\n[0, 1]\n```\n"
-    assert marked(text, status="non_python_code") == [("a", "condition")]
+    assert marked(text, status="non_python_code") == [("if a", "condition")]
     # a Python-tagged fence or bare code that does not parse is counted as a failure
     assert run(fence("print 'x'")).status == "unparsable_code"
     assert run("print 'x'").status == "unparsable_code"
@@ -187,3 +192,29 @@ def test_recurrences_through_attributes_and_subscripts():
     code = ("def f(self, dp, i):\n    self.n = self.n + 1\n    self.a = self.b\n    dp[i] = dp[i - 1] * 2\n"
             "    x = y\n")
     assert marked(code) == [("self.n = self.n + 1", "update"), ("dp[i] = dp[i - 1] * 2", "update")]
+
+
+def test_loop_bookkeeping_is_glue_the_operative_call_is_dense():
+    """The issue's case: ``temp = []`` set-up in a loop is glue, ``temp.append(grid[i-1][j])`` changes the
+    algorithm's state; index steps are glue unless the step itself is the result."""
+    code = ("def columns(grid, n):\n    out = []\n    for j in range(1, n):\n        temp = []\n"
+            "        i = 1\n        while i < n:\n            temp.append(grid[i-1][j])\n            i += 1\n"
+            "        out.append(temp)\n    return out\n")
+    assert marked(code) == [("for j in range(1, n)", "loop"), ("while i < n", "condition"),
+                            ("temp.append(grid[i-1][j])", "update"), ("out.append(temp)", "update")]
+    counter = ("def count(xs):\n    c = 0\n    for x in xs:\n        if x > 0:\n            c += 1\n"
+               "    return c\n")
+    assert marked(counter) == [("if x > 0", "condition"), ("c += 1", "update")]
+    # a temporary is glue, a new value for the result is not
+    swap = ("def f(a, m):\n    for i in range(1, len(a)):\n        t = a[i]\n        a[i] = a[0]\n"
+            "        if a[i] > m:\n            m = a[i]\n    return m\n")
+    assert marked(swap) == [("for i in range(1, len(a))", "loop"), ("a[i] = a[0]", "update"),
+                            ("if a[i] > m", "condition"), ("m = a[i]", "update")]
+
+
+def test_plain_walks_and_comprehension_wrappers():
+    code = ("def f(xs, n):\n    for x in xs:\n        print(x)\n    for i in range(len(xs)):\n        g(i)\n"
+            "    return sum(x * x for x in xs if x > n)\n")
+    # "print" is not a state change; the walks over xs are structure; the generator's element and
+    # filter are the computation, "sum(" and "for x in xs" around them are glue
+    assert marked(code) == [("g(i)", "update"), ("x * x", "return"), ("x > n", "condition")]

@@ -35,9 +35,11 @@ print("RESULTS" + json.dumps(out))
 
 
 def run_cases(cases: list[list[str]], cwd: Path) -> list[tuple[int, str]]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     p = subprocess.run([sys.executable, "-c", CASES_SCRIPT.format(repo=str(REPO))], input=json.dumps(cases),
-                       cwd=cwd, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+                       cwd=cwd, capture_output=True, text=True, timeout=600,
+                       env={**env, "OMP_NUM_THREADS": "1"})
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULTS")), None)
     assert line is not None, p.stdout[-3000:] + p.stderr[-5000:]
     return [tuple(r) for r in json.loads(line[len("RESULTS"):])]
@@ -67,8 +69,9 @@ def test_configuration_errors_exit_2_with_one_line(tmp_path):
     from preprocess.assets import TOKENIZER_DIR
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    llama = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2)
+    LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
     empty_latest = tmp_path / "run" / "checkpoints"
     empty_latest.mkdir(parents=True)
@@ -96,12 +99,14 @@ def test_a_batch_with_nothing_supervised_warns(tmp_path):
     """Every response truncated away (long prompts, max_length 32): the run says so instead of training
     silently at loss 0, and counts such micro-batches."""
     long_prompt = " ".join(["Natalia sold clips to her friends in April and in May."] * 8)
-    shards = make_shards(tmp_path, [{"id": f"r{i}", "domain": "math", "prompt": long_prompt + f" Case {i}?",
-                                     "response": "The answer is 72."} for i in range(8)])
+    records = [{"id": f"r{i}", "domain": "math", "prompt": long_prompt + f" Case {i}?",
+                "response": "The answer is 72."} for i in range(8)]
+    shards = make_shards(tmp_path, records)
     out = tmp_path / "run"
-    [(code, err)] = run_cases([["--preset", "tiny_smoke", "--data.path", str(shards), "--data.max_length", "32",
-                                "--train.max_steps", "2", "--checkpoint.output_dir", str(out),
-                                "--checkpoint.export_hf", "false", "--metrics.tensorboard", "false"]], cwd=tmp_path)
+    argv = ["--preset", "tiny_smoke", "--data.path", str(shards), "--data.max_length", "32",
+            "--train.max_steps", "2", "--checkpoint.output_dir", str(out), "--checkpoint.export_hf", "false",
+            "--metrics.tensorboard", "false"]
+    [(code, err)] = run_cases([argv], cwd=tmp_path)
     assert code == 0, err[-3000:]
     assert "a micro-batch has no supervised token" in err and err.count("no supervised token") == 1
     recs = read_metrics(out / "metrics.jsonl")

@@ -17,7 +17,9 @@ from typing import Any
 from trainer.masking import MaskingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CACHE = "cache/sample-rules"
+DEFAULT_CACHE = "cache/chain"
+TASK_DATA = {"chain": DEFAULT_CACHE, "sample": "cache/sample-rules"}
+"""The default ``data.path`` of each ``task.name``: the only folders ``launch/train.py`` builds if missing."""
 PREEMPT_EXIT_CODE = 75
 """Exit code after a SIGTERM/SIGUSR1-triggered checkpoint (EX_TEMPFAIL: "try again", i.e. requeue)."""
 
@@ -61,9 +63,9 @@ class DataConfig:
     path: str = DEFAULT_CACHE
     """Folder of preprocessed shards (``index.json`` + shards).  Relative paths are from the cwd."""
     preprocess_if_missing: bool = True
-    """If ``path`` is the default (``cache/sample-rules``) and has no ``index.json``, ``launch/train.py``
-    preprocesses the bundled sample with the rule-based extractor into it first (rank 0; the others wait
-    at a barrier).  Any other missing path is an error: a misspelt path is never filled with the sample."""
+    """If ``path`` is the default data folder of ``task.name`` (``TASK_DATA``) and has no
+    ``index.json``, ``launch/train.py`` builds that task's data into it first (rank 0; the others wait
+    at a barrier).  Any other missing path is an error: a misspelt path is never filled."""
     max_length: int = 256
     """Longest sample in tokens, a multiple of masking.block_size.  Longer samples follow ``overflow``.
     256 keeps 89 % of the bundled sample whole (median 162 tokens, 90th percentile 261) and halves the
@@ -134,9 +136,9 @@ class ObjectiveConfig:
 class OptimConfig:
     """AdamW, warmup then a decaying schedule, gradient clipping."""
 
-    lr: float = 1e-3
-    """Peak learning rate (1e-3 suits the tiny default: 3e-3 ended 0.4 higher on the same batches;
-    dFactory uses 1e-5 for LLaDA2-mini)."""
+    lr: float = 3e-3
+    """Peak learning rate (3e-3 for the tiny default on the built-in task, which it learns from scratch;
+    on the bundled GSM8K/MBPP sample 1e-3 ended 0.4 lower; dFactory uses 1e-5 for LLaDA2-mini)."""
     warmup_ratio: float = 0.05
     """Fraction of train.max_steps spent warming up linearly from 0 (dFactory: 0.03)."""
     schedule: str = "cosine"
@@ -170,9 +172,9 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch shape, seeds, and what happens at the end."""
 
-    max_steps: int = 240
+    max_steps: int = 600
     """Optimizer steps to train (each = grad_accum micro-batches per rank)."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = 16
     """Samples per rank per micro-batch, before the complementary copy doubles it."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
@@ -185,11 +187,9 @@ class TrainConfig:
     stop_at_step: int = 0
     """Checkpoint and exit (code 0, no export) once this step is reached, leaving the LR schedule spanning
     max_steps (0 = off).  For time-limited job chunks and the resume tests."""
-    sample_prompts: list[str] = field(default_factory=lambda: [
-        "Tom has 3 boxes with 12 apples each. He gives away 7 apples. How many apples are left?",
-        "Write a python function to find the maximum of three numbers.",
-    ])
-    """Prompts decoded at the end of training (rank 0) to show what the model learnt."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts decoded at the end of training (rank 0) to show what the model learnt (the built-in
+    task prints its own held-out samples; these are for other data, e.g. task.name=sample)."""
     sample_max_new_tokens: int = 96
     """Tokens generated per sample prompt (rounded up to a block)."""
 
@@ -203,6 +203,39 @@ class TrainConfig:
             _check(isinstance(v, int) and v >= 0, f"train.{key}", "must be an int >= 0", v)
         _check(all(isinstance(p, str) for p in self.sample_prompts), "train.sample_prompts",
                "must be a list of strings", self.sample_prompts)
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskConfig:
+    """What fills a missing data.path, and what is scored at the end of the run (tasks/)."""
+
+    name: str = "chain"
+    """'chain': the built-in arithmetic chains (tasks/chain.py; held-out exact match before and after
+    training is printed at the end); 'sample': the bundled GSM8K+MBPP sample (train.sample_prompts
+    are decoded at the end)."""
+    extractor: str = "chain-truth"
+    """Extractor for the built data: chain-truth (the task's exact spans), rules, none."""
+    fraction: float = 1.0
+    """Share of samples given to the extractor (paper: math 0.5); the rest keep no dense tokens."""
+    train_size: int = 20000
+    """Training problems generated (chain)."""
+    eval_size: int = 200
+    """Held-out problems scored before and after training (chain; 0: no evaluation)."""
+    show: int = 4
+    """Held-out samples printed next to their references."""
+    eval_before: bool = True
+    """Also score the untrained model (same seed) for the before/after comparison; ablation grids turn
+    it off (one extra decoding pass per run, the same for every run of a seed)."""
+    seed: int = 0
+    """Seed of the problem generator (independent of train.seed, so seeds vary only training)."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("chain", "sample"), "task.name", "must be chain or sample", self.name)
+        _check(0.0 <= self.fraction <= 1.0, "task.fraction", "must be in [0, 1]", self.fraction)
+        for key in ("train_size", "eval_size", "show"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"task.{key}",
+                   "must be an int >= 0", v)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -257,6 +290,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -271,7 +305,7 @@ class Config:
 
 
 def tiny_default() -> Config:
-    """The main command: tiny model, bundled sample, soft complementary masking, a few minutes on CPU."""
+    """The main command: tiny model, built-in task, soft complementary masking, minutes on CPU."""
     return Config()
 
 
@@ -284,10 +318,11 @@ def tiny_smoke() -> Config:
     """
     cfg = Config()
     return dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, max_length=256, group_by_length=0),
+        cfg, data=dataclasses.replace(cfg.data, path=TASK_DATA["sample"], max_length=256, group_by_length=0),
         optim=dataclasses.replace(cfg.optim, lr=1e-3, warmup_ratio=0.03),
         train=dataclasses.replace(cfg.train, max_steps=6, micro_batch_size=2, log_every=1, save_every=0,
                                   sample_prompts=[]),
+        task=TaskConfig(name="sample", extractor="rules", eval_size=0),
         checkpoint=dataclasses.replace(cfg.checkpoint, output_dir="outputs/tiny-smoke"))
 
 

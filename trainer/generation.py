@@ -11,6 +11,13 @@ predicts all masked positions and *accepts* some of them:
 
 The schedule spreads the block's masked tokens evenly over ``steps_per_block`` steps, so a block
 is always finished after ``steps_per_block`` steps (earlier when the threshold accepts more).
+
+LLaDA2.1 (its published ``generate``): ``min_transfer`` replaces the schedule by a fixed fallback
+(every masked token above ``threshold``, else the ``min_transfer`` most confident); with
+``editing_threshold`` the same step also replaces every written, non-prompt token of the current
+block whose top prediction differs with probability above it.  A block is then final at the first
+step that starts with no mask and edits nothing, or ``max_post_steps`` steps after its last mask.
+Each sample ends its block on its own; its tokens then stay fixed while the batch goes on.
 Attention is block-causal: a block sees itself both ways and every earlier block, never a later
 one, as in training (``trainer.attention``); finished blocks are therefore never revisited.
 
@@ -48,6 +55,11 @@ from trainer.masking import BLOCK_SIZE
 from trainer.modeling import call_model, family_of
 
 REMASKING = ("threshold", "low_confidence")
+# LLaDA2.1's two published modes (diffusers' LLaDA2Pipeline docs, "Recommended parameters").
+DECODING_PRESETS: dict[str, dict[str, float | int | None]] = {
+    "llada2.1-quality": {"threshold": 0.7, "editing_threshold": 0.5, "max_post_steps": 16, "min_transfer": 1},
+    "llada2.1-speed": {"threshold": 0.5, "editing_threshold": None, "max_post_steps": 16, "min_transfer": 1},
+}
 # End-of-turn tokens of common chat templates: a chat model ends its answer with one of these.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|role_end|>", "<|endoftext|>")
 
@@ -76,6 +88,12 @@ class DecodeConfig:
     whole canvas, later still-masked blocks included (LLaDA v1 and Dream decode that way)."""
     kv_cache: bool = False
     """Keep finished blocks' keys/values instead of re-running the prefix each step ('block' only)."""
+    editing_threshold: float | None = None
+    """LLaDA2.1 editing: rewrite a generated token whose differing top prediction beats this; None = off."""
+    max_post_steps: int = 16
+    """With editing: steps allowed after a block's last mask is filled (LLaDA2.1's ``max_post_steps``)."""
+    min_transfer: int | None = None
+    """LLaDA2.1's ``num_to_transfer``: masks accepted per step at least, no step limit; None = schedule."""
 
     def __post_init__(self) -> None:
         for name in ("gen_length", "block_size", "steps_per_block"):
@@ -85,6 +103,13 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.temperature must be >= 0, got {self.temperature}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"DecodeConfig.threshold must be in [0, 1], got {self.threshold}")
+        if self.editing_threshold is not None and not 0.0 <= self.editing_threshold <= 1.0:
+            raise ValueError(f"DecodeConfig.editing_threshold must be in [0, 1] or None, "
+                             f"got {self.editing_threshold}")
+        if self.max_post_steps < 0:
+            raise ValueError(f"DecodeConfig.max_post_steps must be >= 0, got {self.max_post_steps}")
+        if self.min_transfer is not None and self.min_transfer < 1:
+            raise ValueError(f"DecodeConfig.min_transfer must be >= 1 or None, got {self.min_transfer}")
         if self.remasking not in REMASKING:
             raise ValueError(f"DecodeConfig.remasking must be one of {REMASKING}, got {self.remasking!r}")
         if self.layout not in LAYOUTS:
@@ -224,14 +249,29 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: 
     cache = DynamicCache() if cfg.kv_cache else None
     cached = 0  # canvas columns whose keys/values are in the cache
     thr = cfg.threshold if cfg.remasking == "threshold" else None
+    editing = cfg.editing_threshold is not None
+    gen_start = torch.as_tensor(canvas.gen_start, device=device)
 
     for b_idx in range(canvas.first_block, canvas.num_blocks):
         start, end = b_idx * blk, (b_idx + 1) * blk
+        # [r, blk] generated columns of this block (not prompt, not padding): the only editable ones
+        cols = torch.arange(start, end, device=device)
+        gen_cols = valid[rows, start:end] & (cols[None, :] >= gen_start[rows, None])
         masked = x[rows, start:end] == mask_token_id
-        sched = transfer_schedule(masked.sum(1), cfg.steps_per_block)
-        for step in range(cfg.steps_per_block):
-            masked = x[rows, start:end] == mask_token_id
-            if not masked.any():
+        sched = transfer_schedule(masked.sum(1), cfg.steps_per_block) if cfg.min_transfer is None else None
+        post = torch.zeros(len(rows), dtype=torch.long, device=device)  # steps begun with no mask left
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)  # block final for this row
+        step = 0
+        while True:
+            block = x[rows, start:end]
+            masked = block == mask_token_id
+            settled = ~masked.any(1)
+            if editing:
+                post += (settled & ~done).long()
+                done |= post > cfg.max_post_steps
+            else:
+                done |= settled
+            if done.all():
                 break
             lo = cached if cache is not None else 0
             hi = x.shape[1] if full else end  # 'full': later (masked) blocks are visible too
@@ -244,14 +284,19 @@ def generate_ids(model: torch.nn.Module, prompts: Sequence[Sequence[int]], cfg: 
                 cached = start
             logits[..., mask_token_id] = -float("inf")  # never "predict" the mask itself
             tokens, conf = pick_tokens(logits, cfg.temperature, generator)
-            chosen = select_transfer(conf, masked, sched[:, step], threshold=thr)
-            block = x[rows, start:end]
+            if sched is None:
+                k = torch.full_like(post, cfg.min_transfer)
+            else:  # the schedule empties the block within steps_per_block steps; later steps only edit
+                k = sched[:, step] if step < cfg.steps_per_block else torch.zeros_like(post)
+            edit = (gen_cols & ~masked & (tokens != block) & (conf > cfg.editing_threshold) if editing
+                    else torch.zeros_like(masked))
+            chosen = (select_transfer(conf, masked, k, threshold=thr) | edit) & ~done[:, None]
             x[rows, start:end] = torch.where(chosen, tokens, block)
+            done |= settled & ~edit.any(1)  # began with no mask and changed nothing: final
+            step += 1
             if on_step is not None:
                 on_step(x.clone(), rows.clone(), start, end)
         # Block finished: samples that produced a stop token here, or reached their length, stop.
-        gen_cols = valid[rows, start:end] & (torch.arange(start, end, device=device)[None, :]
-                                             >= torch.as_tensor(canvas.gen_start, device=device)[rows, None])
         has_stop = (torch.isin(x[rows, start:end], stops) & gen_cols).any(1)
         finished = has_stop | (sample_end[rows] < end)
         if finished.any():
@@ -308,8 +353,9 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
              mask_token_id: int, eos_token_id: int, gen_length: int = 512, block_size: int = BLOCK_SIZE,
              steps_per_block: int = 32, temperature: float = 0.0, threshold: float = 0.95,
              remasking: str = "threshold", use_chat_template: bool = True, batch_size: int = 8,
-             seed: int = 0, layout: str = "block", kv_cache: bool = False, on_step: StepHook | None = None
-             ) -> list[str]:
+             seed: int = 0, layout: str = "block", kv_cache: bool = False,
+             editing_threshold: float | None = None, max_post_steps: int = 16,
+             min_transfer: int | None = None, on_step: StepHook | None = None) -> list[str]:
     """Generate one answer per prompt (text after the prompt, cut at the first stop token).
 
     Prompts are sorted by length into batches (less padding) and answers returned in input order.
@@ -318,7 +364,8 @@ def generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts
     """
     cfg = DecodeConfig(gen_length=gen_length, block_size=block_size, steps_per_block=steps_per_block,
                        temperature=temperature, threshold=threshold, remasking=remasking, layout=layout,
-                       kv_cache=kv_cache)
+                       kv_cache=kv_cache, editing_threshold=editing_threshold, max_post_steps=max_post_steps,
+                       min_transfer=min_transfer)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training

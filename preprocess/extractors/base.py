@@ -21,6 +21,15 @@ from typing import Protocol, runtime_checkable
 from preprocess.records import FieldMap, Record, Reject, expand_inputs, iter_records
 from preprocess.shards import Domain
 
+PAPER_RHO: dict[Domain, float] = {Domain.CODE: 0.25, Domain.MATH: 0.31}
+"""The paper's info-dense token share with GPT-4o spans (§3.2), per domain: the rules' calibration
+target and the default share of the ``confidence`` extractor."""
+
+
+class ExtractorError(RuntimeError):
+    """The extractor cannot go on (bad credentials, failure budget spent, ...): the run stops with
+    this one-line message instead of writing samples without spans."""
+
 
 class SpanError(ValueError):
     """A span that does not fit the response it claims to come from."""
@@ -28,11 +37,17 @@ class SpanError(ValueError):
 
 @dataclass(frozen=True, slots=True, order=True)
 class Span:
-    """A half-open character range ``[start, end)`` of the response, with a kind label."""
+    """A half-open character range ``[start, end)`` of the response, with a kind label and a score.
+
+    ``score`` is the span's priority under a rho budget (``preprocess.budget``): higher scores are
+    kept first, equal scores keep the earlier span.  Rules: the priority of the rule that found it;
+    ``confidence``: the model's masked-token loss or entropy; extractors without one leave 0.0.
+    """
 
     start: int
     end: int
     kind: str = "dense"
+    score: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +111,8 @@ class Extractor(Protocol):
 
 
 def validate_spans(spans: Sequence[Span], response: str) -> list[Span]:
-    """Check bounds and emptiness, then sort and merge overlaps; raise ``SpanError`` on misuse."""
+    """Check bounds and emptiness, then sort and merge overlaps (a merged span keeps the first kind and
+    the highest score); raise ``SpanError`` on misuse."""
     n = len(response)
     out: list[Span] = []
     for s in sorted(spans):
@@ -104,8 +120,8 @@ def validate_spans(spans: Sequence[Span], response: str) -> list[Span]:
             raise SpanError(f"span [{s.start}, {s.end}) ({s.kind}) outside response of length {n}")
         if out and s.start <= out[-1].end:
             last = out[-1]
-            if s.end > last.end:
-                out[-1] = Span(last.start, s.end, last.kind)
+            if s.end > last.end or s.score > last.score:
+                out[-1] = Span(last.start, max(s.end, last.end), last.kind, max(s.score, last.score))
             continue
         out.append(s)
     return out
@@ -125,11 +141,13 @@ def fraction_selected(key: str, fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
-def parse_fractions(value: str | Mapping[str, float] | None) -> dict[str, float]:
-    """Extracted share per domain: ``"code=0.1,math=0.5"`` or a mapping -> ``{"code": 0.1, "math": 0.5}``.
+def parse_fractions(value: str | Mapping[str, float] | None, option: str = "--fraction") -> dict[str, float]:
+    """A share per domain: ``"code=0.1,math=0.5"`` or a mapping -> ``{"code": 0.1, "math": 0.5}``.
 
-    Keys become canonical domain names; domains not given keep 1.0 (``fraction_for``).  Raises
-    ``ValueError`` naming the bad item (unknown domain, missing ``=``, value outside [0, 1]).
+    The one parser of per-domain shares: the extracted fraction (``--fraction``) and the rho budget
+    (``--max-rho``, named by ``option`` in messages).  Keys become canonical domain names; domains
+    not given keep 1.0 (``fraction_for``).  Raises ``ValueError`` naming the bad item (unknown
+    domain, missing ``=``, value outside [0, 1]).
     """
     if not value:
         return {}
@@ -138,7 +156,7 @@ def parse_fractions(value: str | Mapping[str, float] | None) -> dict[str, float]
         for part in filter(None, (p.strip() for p in value.split(","))):
             name, sep, number = part.partition("=")
             if not sep:
-                raise ValueError(f"--fraction item {part!r}: expected domain=value")
+                raise ValueError(f"{option} item {part!r}: expected domain=value")
             items.append((name, number))
     else:
         items = list(value.items())
@@ -146,7 +164,7 @@ def parse_fractions(value: str | Mapping[str, float] | None) -> dict[str, float]
     for name, number in items:
         f = float(number)
         if not 0.0 <= f <= 1.0:
-            raise ValueError(f"fraction for {name!r} is {f}; expected a value in [0, 1]")
+            raise ValueError(f"{option} for {name!r} is {f}; expected a value in [0, 1]")
         out[Domain.parse(name).name.lower()] = f
     return out
 

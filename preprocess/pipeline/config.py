@@ -24,6 +24,10 @@ class RejectError(RuntimeError):
     """Raised in ``strict`` mode at the first rejected record, naming its file, line and reason."""
 
 
+class ShardTaskError(RuntimeError):
+    """A shard task failed (its message names the shard and the task's log with the traceback)."""
+
+
 @dataclass(kw_only=True)
 class SlurmOptions:
     """Options passed to datatrove's ``SlurmPipelineExecutor`` (one array job + a merge job)."""
@@ -56,7 +60,8 @@ class PreprocessConfig:
     """Everything that decides what is written, plus how it is executed.
 
     Output-defining fields enter ``output_fingerprint``; execution fields (workers, executor, slurm,
-    strict, batch_size) do not, so changing them never invalidates finished shards.
+    strict, batch_size, retry_failed) and the extractor's ``operational_options`` (concurrency,
+    timeouts, cache folder ...) do not, so changing them never invalidates finished shards.
     """
 
     inputs: list[str | Path]
@@ -70,6 +75,9 @@ class PreprocessConfig:
     fractions: dict[str, float] = field(default_factory=dict)
     """Extracted share per domain name (``code``/``math``/``other``), as ``parse_fractions`` returns it;
     missing domains use 1.0."""
+    max_rho: dict[str, float] = field(default_factory=dict)
+    """rho budget per domain name (``--max-rho code=0.25,math=0.31``): the most supervised tokens a
+    sample may have marked, lowest-scoring spans dropped first (``preprocess.budget``); none when absent."""
     seed: int = 0
     """Seed of the hash-based fraction selection."""
     max_length: int = 2048
@@ -92,6 +100,9 @@ class PreprocessConfig:
     """Records per tokenizer/extractor batch."""
     overwrite: bool = False
     """Delete shards made with a different configuration instead of refusing to run."""
+    retry_failed: bool = False
+    """Rebuild the finished shards that hold samples the extractor may answer on a rerun (its
+    ``retryable_statuses``, e.g. ``llm_failed``); the other shards are kept as they are."""
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, (str, Path)):
@@ -115,6 +126,7 @@ class PreprocessConfig:
             self.fractions = parse_fractions(self.fractions)
         except ValueError as e:
             raise ValueError(f"fractions: {e}") from None
+        self.max_rho = parse_fractions(self.max_rho, "max_rho")
         if isinstance(self.fields, dict):
             self.fields = FieldMap(**self.fields)
         if self.fields.domain is not None:
@@ -131,8 +143,10 @@ class PreprocessConfig:
             "tokenizer": str(self.tokenizer),
             "extractor": self.extractor,
             "extractor_options": {k: ("<redacted>" if _SECRET.search(k) else v)
-                                  for k, v in sorted(self.extractor_options.items())},
+                                  for k, v in sorted(self.extractor_options.items())
+                                  if k not in self.operational_options()},
             "fractions": dict(sorted(self.fractions.items())),
+            "max_rho": dict(sorted(self.max_rho.items())),
             "seed": self.seed,
             "max_length": self.max_length,
             "num_shards": self.num_shards,
@@ -141,26 +155,82 @@ class PreprocessConfig:
             "hf_split": self.hf_split,
         }
 
+    def operational_options(self) -> frozenset[str]:
+        """Options of the extractor that do not change what it returns (declared by its class)."""
+        from preprocess.extractors.registry import EXTRACTORS
+
+        return getattr(EXTRACTORS.get(self.extractor), "operational_options", frozenset())
+
 
 # Extractor options that look like credentials never reach index.json or manifests.
 _SECRET = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
 
 
-def _source_identity(src: Source) -> list[Any]:
-    """Name + size: stable across machines and copies, changes when a file is replaced."""
+HASHED_EDGE = 1 << 20  # bytes hashed at each end of an input file for its identity
+
+
+def _file_identity(path: Path) -> list[Any]:
+    """Size, mtime and the sha256 of the first and last MiB: catches a replaced file, an append,
+    and an edit that keeps the size (the mtime, and the hash where the edit is near an end)."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(HASHED_EDGE))
+        if st.st_size > HASHED_EDGE:
+            f.seek(max(st.st_size - HASHED_EDGE, HASHED_EDGE))
+            h.update(f.read(HASHED_EDGE))
+    return [st.st_size, st.st_mtime_ns, h.hexdigest()[:32]]
+
+
+def source_identity(src: Source) -> dict[str, Any]:
+    """What resume checks compare for one input: resolved path, kind and (per file) size, mtime
+    and the hash of its first and last MiB."""
     if src.path.is_dir():
-        size = sum(p.stat().st_size for p in sorted(src.path.rglob("*")) if p.is_file())
-    else:
-        size = src.path.stat().st_size
-    return [src.name, src.kind, size]
+        files = [[str(p.relative_to(src.path)), *_file_identity(p)]
+                 for p in sorted(src.path.rglob("*")) if p.is_file()]
+        return {"path": str(src.path.resolve()), "kind": src.kind, "files": files}
+    size, mtime, digest = _file_identity(src.path)
+    return {"path": str(src.path.resolve()), "kind": src.kind, "size": size, "mtime_ns": mtime,
+            "edges": digest}
 
 
-def output_fingerprint(cfg: PreprocessConfig, sources: list[Source], tokenizer_fp: str,
-                       extractor: tuple[str, str]) -> str:
+def fingerprint_parts(cfg: PreprocessConfig, sources: list[Source], tokenizer_fp: str,
+                      extractor: tuple[str, str]) -> dict[str, Any]:
+    """Everything the output depends on, itemised (stored in manifests, so that a mismatch on
+    resume names what changed); ``output_fingerprint`` hashes it."""
     settings = cfg.output_settings()
     settings.pop("inputs")
     settings.pop("tokenizer")
-    payload = {"format": [FORMAT_NAME, FORMAT_VERSION], "settings": settings,
-               "sources": [_source_identity(s) for s in sources], "tokenizer": tokenizer_fp,
-               "extractor": list(extractor)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return {"format": [FORMAT_NAME, FORMAT_VERSION], "settings": settings,
+            "sources": [source_identity(s) for s in sources], "tokenizer": tokenizer_fp,
+            "extractor": list(extractor)}
+
+
+def output_fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The first difference between two ``fingerprint_parts``, as a short phrase."""
+    for key, value in new["settings"].items():
+        before = old.get("settings", {}).get(key)
+        if before != value:
+            was, now = json.dumps(before, default=str), json.dumps(value, default=str)
+            return f"setting {key} changed ({was} -> {now})"
+    old_src = {s["path"]: s for s in old.get("sources", [])}
+    new_src = {s["path"]: s for s in new["sources"]}
+    for path, s in new_src.items():
+        if path not in old_src:
+            return f"input {path} was added"
+        if old_src[path] != s:
+            what = [k for k in ("size", "mtime_ns", "edges", "files") if old_src[path].get(k) != s.get(k)]
+            return f"input {path} changed ({', '.join(what)})"
+    for path in old_src:
+        if path not in new_src:
+            return f"input {path} was removed"
+    if list(old_src) != list(new_src):
+        return "the order of the inputs changed"
+    for key in ("tokenizer", "extractor", "format"):
+        if old.get(key) != new[key]:
+            return f"{key} changed ({old.get(key)} -> {new[key]})"
+    return "configuration changed"

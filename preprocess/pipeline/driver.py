@@ -3,9 +3,10 @@
 Design (why it is deterministic and resumable):
 
 - ``num_shards`` is fixed by the config; datatrove task ``r`` writes shard ``r`` and nothing else.
-  Which records go to shard ``r`` is ``records.shard_plan`` (a pure function of the input list and
-  ``num_shards``), so the bytes of every shard depend only on inputs + config -- never on the
-  number of workers, nodes or the order tasks run in.
+  Which input bytes go to shard ``r`` is ``splits.plan_shards`` (a pure function of the input
+  list, the file sizes and ``num_shards``; every byte read by one task), so the bytes of every
+  shard depend only on inputs + config -- never on the number of workers, nodes or the order
+  tasks run in.
 - A shard is written under temporary names and published by renames, manifest last.  A rerun
   after a crash or ``kill -9`` deletes leftovers, skips shards whose manifest exists, and redoes
   only the rest -- byte-identical to an uninterrupted run (no timestamps or host names in any
@@ -31,58 +32,63 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from preprocess.extractors.registry import get_extractor
-from preprocess.pipeline.config import (
-    PreprocessConfig,
-    output_fingerprint,
-)
+from datatrove.executor import LocalPipelineExecutor
+
+from preprocess.pipeline.config import PreprocessConfig, describe_change
+from preprocess.pipeline.inputs import RunInputs, resolve_inputs
+from preprocess.pipeline.progress import write_plan_bytes
 from preprocess.pipeline.shard import load_tokenizer
 from preprocess.pipeline.steps import (
     ShardStep,
     _MergeStep,
+    failure_path,
+    raise_first_failure,
 )
-from preprocess.records import expand_inputs
 from preprocess.shards import (
     INDEX_FILE,
     ConfigMismatchError,
     manifest_name,
     missing_shards,
+    read_manifest,
     shard_files,
     shard_is_complete,
     shard_name,
     write_index,
 )
+from preprocess.splits import imbalance_note
 
 
-def _current_fingerprint(cfg: PreprocessConfig) -> str:
-    tok = load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template)
-    ex = get_extractor(cfg.extractor, **cfg.extractor_options)
-    sources = expand_inputs(cfg.inputs, cfg.hf_split)
-    return output_fingerprint(cfg, sources, tok.fingerprint(), (ex.name, ex.version))
+def _check_existing(cfg: PreprocessConfig, inputs: RunInputs) -> None:
+    """Refuse to mix shards of different configurations (or delete them with ``overwrite``).
 
-
-def _check_existing(cfg: PreprocessConfig, fingerprint: str) -> None:
-    """Refuse to mix shards of different configurations (or delete them with ``overwrite``)."""
+    The error names what changed (a setting, an input file, the tokenizer ...) in one line.
+    """
     folder = Path(cfg.output_dir)
-    stale = []
+    stale: list[str] = []
+    change = ""
     for mpath in sorted(folder.glob("shard_*.json")):
         try:
-            fp = json.loads(mpath.read_text(encoding="utf-8")).get("config_fingerprint")
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
-            fp = None
+            manifest = {}
         name = mpath.name[: -len(".json")]
-        if fp != fingerprint or int(name.split("_")[1]) >= cfg.num_shards:
+        if manifest.get("config_fingerprint") != inputs.fingerprint \
+                or int(name.split("_")[1]) >= cfg.num_shards:
             stale.append(name)
+            if not change:
+                old = manifest.get("fingerprint_parts")
+                change = describe_change(old, inputs.parts) if old else "configuration changed"
     if not stale:
         return
     if not cfg.overwrite:
         raise ConfigMismatchError(
-            f"{folder} holds {len(stale)} shard(s) made with a different configuration (e.g. {stale[0]}); "
-            f"use another output folder or overwrite=True (--overwrite) to replace them")
+            f"{folder}: {change} since {stale[0]} was made ({len(stale)} shard(s) differ); "
+            f"use another output folder or --overwrite (overwrite=True) to rebuild")
     for name in stale:
         for fname in [*shard_files(name).values(), manifest_name(name)]:
             (folder / fname).unlink(missing_ok=True)
@@ -101,9 +107,33 @@ def is_complete(cfg: PreprocessConfig, fingerprint: str | None = None) -> bool:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False  # a damaged index is rewritten by the merge step
-    fingerprint = fingerprint or _current_fingerprint(cfg)
+    fingerprint = fingerprint or resolve_inputs(
+        cfg, load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()).fingerprint
     complete = not missing_shards(cfg.output_dir, cfg.num_shards)
     return index.get("config_fingerprint") == fingerprint and complete
+
+
+def _drop_shards_to_retry(cfg: PreprocessConfig, fingerprint: str) -> None:
+    """``retry_failed``: delete the finished shards of this configuration whose manifest counts a
+    status the extractor may answer on a rerun; the run then rebuilds exactly those (the answers
+    the extractor already has come from its cache, so they are byte-identical to a clean run)."""
+    from preprocess.extractors.registry import EXTRACTORS
+
+    statuses = getattr(EXTRACTORS.get(cfg.extractor), "retryable_statuses", frozenset())
+    folder = Path(cfg.output_dir)
+    dropped = False
+    for k in range(cfg.num_shards):
+        name = shard_name(k)
+        m = read_manifest(folder, name) if shard_is_complete(folder, name) else None
+        if m is None or m.get("config_fingerprint") != fingerprint:
+            continue
+        if any(m["stats"]["extract_status"].get(st) for st in statuses):
+            (folder / manifest_name(name)).unlink()  # first: the shard stops counting as finished
+            for fname in shard_files(name).values():
+                (folder / fname).unlink(missing_ok=True)
+            dropped = True
+    if dropped:
+        (folder / INDEX_FILE).unlink(missing_ok=True)
 
 
 def _reset_stale_markers(cfg: PreprocessConfig) -> None:
@@ -124,13 +154,16 @@ def run_pipeline(cfg: PreprocessConfig) -> Path:
     """
     folder = Path(cfg.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    fingerprint = _current_fingerprint(cfg)
-    if is_complete(cfg, fingerprint):
+    spec = load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()
+    inputs = resolve_inputs(cfg, spec)
+    if not cfg.retry_failed and is_complete(cfg, inputs.fingerprint):
         return folder
     with _folder_lock(folder):  # e.g. several training ranks asking for the same missing cache
-        if is_complete(cfg, fingerprint):
+        if cfg.retry_failed:
+            _drop_shards_to_retry(cfg, inputs.fingerprint)
+        if is_complete(cfg, inputs.fingerprint):
             return folder
-        return _run_locked(cfg, fingerprint)
+        return _run_locked(cfg, spec, inputs)
 
 
 LOCK_FILE = ".dm-preprocess.lock"
@@ -151,20 +184,33 @@ def _folder_lock(folder: Path) -> Iterator[None]:
             fcntl.lockf(f, fcntl.LOCK_UN)
 
 
-def _run_locked(cfg: PreprocessConfig, fingerprint: str) -> Path:
+def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
     folder = Path(cfg.output_dir)
-    _check_existing(cfg, fingerprint)
+    _check_existing(cfg, inputs)
     _reset_stale_markers(cfg)
+    plan = inputs.with_plan(cfg.num_shards).plan
+    note = imbalance_note(inputs.sources, plan)  # type: ignore[arg-type]
+    if note:
+        print(note, file=sys.stderr)
     if cfg.executor == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
-        step = ShardStep(cfg, load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec())
-
+        todo = {k: sum(u.nbytes for u in units) for k, units in enumerate(plan)  # type: ignore[arg-type]
+                if not shard_is_complete(folder, shard_name(k))}
+        write_plan_bytes(cfg.logging_dir, todo)
+        step = ShardStep(cfg, spec, inputs)
         workers = cfg.workers if cfg.workers > 0 else min(cfg.num_shards, os.cpu_count() or 1)
         if workers > 1:
             _preload_in_forkserver()
-        LocalPipelineExecutor(pipeline=[step], tasks=cfg.num_shards, workers=workers,
-                              logging_dir=str(cfg.logging_dir / "shards")).run()
+        for k in range(cfg.num_shards):
+            failure_path(cfg, k).unlink(missing_ok=True)
+        from loguru import logger
+
+        logger.disable("datatrove.executor.local")  # "Skipping ...", the final stats block
+        try:
+            _QuietLocalExecutor(pipeline=[step], tasks=cfg.num_shards, workers=workers,
+                                logging_dir=str(cfg.logging_dir / "shards")).run()
+        finally:
+            logger.enable("datatrove.executor.local")
+        raise_first_failure(cfg)
         write_index(cfg.output_dir, cfg.num_shards, cfg.output_settings())
         return folder
     # Shards may be rebuilt: the old index and the merge job's completion marker are stale.
@@ -172,6 +218,20 @@ def _run_locked(cfg: PreprocessConfig, fingerprint: str) -> Path:
     (cfg.logging_dir / "merge" / "completions" / "00000").unlink(missing_ok=True)
     build_slurm_executor(cfg).run()
     return folder
+
+
+class _QuietLocalExecutor(LocalPipelineExecutor):
+    """Tasks log to their log files only (errors still reach the terminal): datatrove prints a
+    task's console log only for local rank 0, and uses the local rank for nothing else; the
+    "k/N tasks completed" counter is only logged, so it is not passed on.  The live display and
+    the summary (``pipeline.progress``) say the same from the tasks' own counters."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1) -> Any:
+        return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
+
+    def _launch_run_for_rank(self, rank: int, ranks_q: Any, completed: Any = None,
+                             completed_lock: Any = None) -> Any:
+        return super()._launch_run_for_rank(rank, ranks_q)
 
 
 def _preload_in_forkserver() -> None:
@@ -202,7 +262,9 @@ def build_slurm_executor(cfg: PreprocessConfig) -> Any:
     s = cfg.slurm
     common = dict(time=s.time, partition=s.partition, mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos or "",
                   venv_path=s.venv_path, env_command=s.env_command, sbatch_args=dict(s.sbatch_args))
-    step = ShardStep(cfg, load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec())
+    spec = load_tokenizer(str(cfg.tokenizer), cfg.use_chat_template).spec()
+    # Resolved after the paths became absolute: the tasks read the sources from other directories.
+    step = ShardStep(cfg, spec, resolve_inputs(cfg, spec).with_plan(cfg.num_shards))
     shards = SlurmPipelineExecutor(pipeline=[step], tasks=cfg.num_shards,
                                    cpus_per_task=s.cpus_per_task, workers=s.max_concurrent,
                                    job_name=s.job_name, logging_dir=str(cfg.logging_dir / "shards"), **common)

@@ -8,7 +8,9 @@ the per-record Python work is a few list operations; see :meth:`ShardJob.extract
 from __future__ import annotations
 
 import functools
+import json
 import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
@@ -27,6 +29,7 @@ from preprocess.align import (
     mark_overlaps,
     spans_to_arrays,
 )
+from preprocess.budget import budget_tokens, trim_to_budget
 from preprocess.extractors.base import (
     SpanError,
     extract_input,
@@ -35,16 +38,16 @@ from preprocess.extractors.base import (
     validate_spans,
 )
 from preprocess.extractors.registry import get_extractor
-from preprocess.pipeline.config import PreprocessConfig, RejectError, output_fingerprint
+from preprocess.pipeline.config import PreprocessConfig, RejectError
+from preprocess.pipeline.inputs import RunInputs
 from preprocess.records import (
     INVALID_SPANS,
     TOO_LONG,
     ReadStats,
     Record,
     Reject,
-    expand_inputs,
+    Unit,
     iter_records,
-    shard_plan,
 )
 from preprocess.shards import (
     FLAG_INFO_DENSE,
@@ -70,17 +73,21 @@ def load_tokenizer(name_or_path: str, use_chat_template: bool) -> TokenizerBundl
     return TokenizerBundle(name_or_path, use_chat_template)
 
 
+PROGRESS_EVERY_S = 0.5
+
+
 class ShardJob:
     """Processes one shard; holds the tokenizer, extractor and counters."""
 
-    def __init__(self, cfg: PreprocessConfig, shard: int, spec: TokenizerSpec) -> None:
+    def __init__(self, cfg: PreprocessConfig, shard: int, spec: TokenizerSpec, inputs: RunInputs) -> None:
         self.cfg = cfg
         self.shard = shard
         self.tok = spec
         self.extractor = get_extractor(cfg.extractor, **cfg.extractor_options)
-        self.sources = expand_inputs(cfg.inputs, cfg.hf_split)
-        self.fingerprint = output_fingerprint(cfg, self.sources, self.tok.fingerprint(),
-                                              (self.extractor.name, self.extractor.version))
+        self.inputs = inputs.with_plan(cfg.num_shards)
+        self.sources = inputs.sources
+        self.units: list[Unit] = inputs.plan[shard]  # type: ignore[index]
+        self.fingerprint = inputs.fingerprint
         self.domains: dict[int, DomainCounts] = {}
         self.rejects: Counter[str] = Counter()
         self.extract_status: Counter[str] = Counter()
@@ -88,6 +95,7 @@ class ShardJob:
         self.unmatched_spans = 0
         self.read = ReadStats()
         self.fractions = {d: fraction_for(cfg.fractions, d) for d in Domain}
+        self.max_rho = {d: cfg.max_rho[d.name.lower()] for d in Domain if d.name.lower() in cfg.max_rho}
         bos = self.tok.bos_id
         # BOS only where no chat template is actually applied (asked for AND present); evaluation's
         # encode_prompts follows the same rule (tests/test_generate.py pins the parity).
@@ -95,10 +103,28 @@ class ShardJob:
         crash = os.environ.get(CRASH_ENV, "")
         c_shard, _, c_after = crash.partition(":")
         self.crash_after = int(c_after) if crash and int(c_shard) == shard else -1
+        self.progress_path = cfg.logging_dir / "progress" / f"shard_{shard:05d}.json"
+        self._t0 = time.time()
+        self._last_progress = 0.0
 
     def records(self) -> Iterator[Record | Reject]:
-        for j, part, nparts in shard_plan(len(self.sources), self.cfg.num_shards, self.shard):
-            yield from iter_records(self.sources[j], self.cfg.fields, part, nparts, self.read)
+        for u in self.units:
+            yield from iter_records(self.sources[u.source], self.cfg.fields, self.read, u)
+
+    def report_progress(self, writer: ShardWriter, done: bool = False) -> None:
+        """Counters for the live display (``cli``), at most every ``PROGRESS_EVERY_S``: not data,
+        so written without fsync to the logging folder."""
+        now = time.time()
+        if not done and now - self._last_progress < PROGRESS_EVERY_S:
+            return
+        self._last_progress = now
+        state = {"shard": self.shard, "start": self._t0, "now": now, "done": done,
+                 "records": self.read.seen + self.read.blank_lines, "samples": writer.num_samples,
+                 "tokens": writer.num_tokens, "bytes": self.read.bytes_read,
+                 "bytes_total": sum(u.nbytes for u in self.units)}
+        tmp = self.progress_path.with_name(self.progress_path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.progress_path)
 
     def write_rejects(self, writer: ShardWriter, pending: list[tuple[int, Reject]]) -> None:
         """Write a batch's rejects in input order, so the report does not depend on the batch size."""
@@ -112,10 +138,17 @@ class ShardJob:
     def run(self) -> dict[str, Any]:
         folder = Path(self.cfg.output_dir)
         writer = ShardWriter(folder, self.shard, self.tok.vocab_size)
+        self.progress_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             for batch in _batched(self.records(), self.cfg.batch_size):
                 self.process_batch(writer, batch)
-            return writer.finish(self.manifest_extra())
+                self.report_progress(writer)
+            check = getattr(self.extractor, "check_publishable", None)
+            if check is not None:  # e.g. the LLM extractor's failure budget: raises, nothing is published
+                check()
+            manifest = writer.finish(self.manifest_extra())
+            self.report_progress(writer, done=True)
+            return manifest
         except BaseException:
             writer.abort()
             raise
@@ -192,6 +225,9 @@ class ShardJob:
         if with_spans:
             dense_pos = self.align_batch(recs, keep, spans, encs, n_rec, with_spans, tokens, starts + p_len,
                                          r_len)
+            if self.max_rho:
+                dense_pos = self.apply_budget(recs, keep, spans, encs, n_rec, tokens, starts + p_len, r_len,
+                                              sample_of, dense_pos)
             flags[dense_pos] |= FLAG_INFO_DENSE
             n_dense = np.bincount(sample_of[dense_pos], minlength=len(keep))
         domains = [int(recs[i].domain) for i in keep]
@@ -297,13 +333,41 @@ class ShardJob:
             out.append(a + np.flatnonzero(res.dense))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
+    def apply_budget(self, recs: list[Record], keep: list[int], spans: list[list], encs: list, n_rec: int,
+                     tokens: np.ndarray, r_start: np.ndarray, r_len: np.ndarray, sample_of: np.ndarray,
+                     dense_pos: np.ndarray) -> np.ndarray:
+        """``dense_pos`` with every sample over its domain's rho budget trimmed to it (lowest-scoring
+        spans dropped, ``preprocess.budget``), counted per domain; samples within it are untouched."""
+        n_dense = np.bincount(sample_of[dense_pos], minlength=len(keep))
+        trimmed = np.zeros(len(keep), dtype=bool)
+        new: list[np.ndarray] = []
+        for k in np.flatnonzero(n_dense).tolist():
+            i = keep[k]
+            rho = self.max_rho.get(recs[i].domain)
+            budget = 0 if rho is None else budget_tokens(rho, int(r_len[k]) + 1)
+            if rho is None or n_dense[k] <= budget:
+                continue
+            a, n = int(r_start[k]), int(r_len[k])
+            t = trim_to_budget(tokens[a:a + n], encs[n_rec + i].offsets, recs[i].response, spans[i],
+                               self.tok.byte_table, budget)
+            trimmed[k] = True
+            new.append(a + np.flatnonzero(t.dense))
+            d = self.domains.setdefault(int(recs[i].domain), DomainCounts())
+            d.budget_samples += 1
+            d.budget_dropped_spans += t.dropped_spans
+            d.budget_dropped_tokens += t.dropped_tokens
+        if not new:
+            return dense_pos
+        return np.concatenate([dense_pos[~trimmed[sample_of[dense_pos]]], *new])
+
     def manifest_extra(self) -> dict[str, Any]:
-        plan = shard_plan(len(self.sources), self.cfg.num_shards, self.shard)
         return {
             "config_fingerprint": self.fingerprint,
+            "fingerprint_parts": self.inputs.parts,
             "tokenizer": self.tok.info(),
             "extractor": {"name": self.extractor.name, "version": self.extractor.version},
-            "inputs": [{"source": self.sources[j].name, "part": p, "nparts": k} for j, p, k in plan],
+            "inputs": [{"source": self.sources[u.source].name, "start": u.start, "end": u.end,
+                        "bytes": u.nbytes, "first_line": u.line_base + 1} for u in self.units],
             "stats": {
                 "domains": {Domain(k).name.lower(): asdict(v) for k, v in sorted(self.domains.items())},
                 "rejects": dict(sorted(self.rejects.items())),
@@ -312,6 +376,7 @@ class ShardJob:
                 "unmatched_spans": self.unmatched_spans,
                 "records_read": self.read.seen,
                 "blank_lines": self.read.blank_lines,
+                "bytes_read": self.read.bytes_read,
             },
         }
 

@@ -116,19 +116,23 @@ def interpret_answer(answer: CachedAnswer, item: ExtractInput) -> ExtractResult:
     return ExtractResult(spans=validate_spans(spans, item.response), status=STATUS_OK, unmatched=unmatched)
 
 
-def answer_from_completion(resp: Any) -> CachedAnswer:
-    """Pull content/refusal/finish reason/usage out of a ChatCompletion (or its JSON dict)."""
-    d = resp if isinstance(resp, dict) else resp.model_dump()
+def transient_problem(d: Mapping[str, Any]) -> str | None:
+    """Why an HTTP 200 body is not an answer, or None: ``error_body`` (an error object, as proxies
+    and some servers send for a 5xx) or ``empty_choices`` (no choice at all).  Both are usually
+    passing server faults, so they are retried and never cached."""
+    if d.get("error"):
+        return "error_body"
+    choices = d.get("choices")
+    if not choices or not isinstance(choices[0], Mapping):
+        return "empty_choices"
+    return None
+
+
+def answer_from_completion(d: Mapping[str, Any]) -> CachedAnswer:
+    """Content/refusal/finish reason/usage of a chat completion's JSON dict that has a choice
+    (``transient_problem`` is None)."""
     usage = d.get("usage") or {}
-    choices = d.get("choices") or []
-    if not choices or not isinstance(choices[0], dict):
-        return CachedAnswer(None, None, "no_choices", int(usage.get("prompt_tokens") or 0),
-                            int(usage.get("completion_tokens") or 0))
+    choices = d["choices"]
     msg = choices[0].get("message") or {}
     return CachedAnswer(msg.get("content"), msg.get("refusal"), choices[0].get("finish_reason"),
                         int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
-
-
-def answer_from_completion_json(body: Mapping[str, Any]) -> CachedAnswer:
-    """Same as for a client response, for the JSON bodies found in Batch API output files."""
-    return answer_from_completion(dict(body))

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import openai
 
-from preprocess.extractors.llm.answers import Failure, answer_from_completion_json
+from preprocess.extractors.llm.answers import Failure, answer_from_completion, transient_problem
 from preprocess.extractors.llm.cache import AnswerCache, CachedAnswer
 from preprocess.extractors.llm.config import LLMConfig, redact, resolve_api_key
 from preprocess.extractors.llm.prompts import PROMPT_VERSION
@@ -101,7 +101,12 @@ def parse_output_file(data: bytes, where: str) -> tuple[dict[str, CachedAnswer],
             code = err.get("code") or resp.get("status_code")
             errors[cid] = f"batch: {code}: {err.get('message', '')}"[:300]
             continue
-        answers[cid] = answer_from_completion_json(resp.get("body") or {})
+        body = resp.get("body") or {}
+        problem = transient_problem(body)
+        if problem is not None:  # not an answer: not cached, so the next run resubmits it
+            errors[cid] = f"batch: 200 with {problem}"
+            continue
+        answers[cid] = answer_from_completion(body)
     return answers, errors
 
 

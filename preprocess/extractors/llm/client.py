@@ -7,10 +7,13 @@ found are counted in ``ExtractResult.unmatched``).
 
 What makes it usable on hundreds of thousands of samples:
 
-- a bounded number of requests in flight (``max_concurrency``, an ``asyncio.Semaphore``), our own
-  retry loop (the client's is switched off so every retry is counted) with exponential backoff
-  that honours ``Retry-After``/``retry-after-ms`` on 429, 5xx, timeouts and connection errors;
-  a 429 pauses *all* senders until its Retry-After has passed, instead of each task hammering;
+- limits that hold for all worker processes on the machine (``preprocess.extractors.llm.limits``):
+  requests in flight (``max_concurrency``), requests and tokens per minute, and a 429's pause of
+  *all* senders until its Retry-After has passed; our own retry loop (the client's is switched off
+  so every retry is counted) with exponential backoff that honours ``Retry-After``/``retry-after-ms``
+  on 429, 5xx, timeouts, connection errors and 200s that are not answers (error bodies, no choices);
+- a failure budget (``max_failure_rate``): when too many requests fail (a wrong port, a dead
+  server) the run stops with ``FailureBudgetError`` instead of writing samples without spans;
 - a persistent SQLite/WAL cache (``preprocess.extractors.llm.cache``) keyed by a hash of the exact request,
   so reruns, crashes and parallel workers never pay twice;
 - the Batch API (``mode="batch"``, ``preprocess.extractors.llm.batch``), half price, resumable;
@@ -32,12 +35,13 @@ import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import openai
 
-from preprocess.extractors.base import ExtractInput, ExtractResult
+from preprocess.extractors.base import ExtractInput, ExtractorError, ExtractResult
 from preprocess.extractors.llm.answers import (
     STATUS_DRY_RUN,
     STATUS_FAILED,
@@ -45,14 +49,33 @@ from preprocess.extractors.llm.answers import (
     answer_from_completion,
     interpret_answer,
     request_key,
+    transient_problem,
 )
-from preprocess.extractors.llm.cache import AnswerCache, CachedAnswer
-from preprocess.extractors.llm.config import LLMConfig, LLMConfigError, redact, resolve_api_key
+from preprocess.extractors.llm.cache import CACHE_FILENAME, AnswerCache, CachedAnswer
+from preprocess.extractors.llm.config import (
+    OUTPUT_OPTIONS,
+    FailureBudgetError,
+    LLMConfig,
+    LLMConfigError,
+    redact,
+    resolve_api_key,
+)
+from preprocess.extractors.llm.limits import SharedLimits
 from preprocess.extractors.llm.prompts import PROMPT_VERSION, build_request_body
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+FAILURE_KINDS = ("connection_errors", "timeouts", "invalid_responses", "error_body", "empty_choices")
+"""Counters of failed requests besides ``http_<status>`` (a 429 is pacing, not a failure)."""
+SLOT_POLL_SECONDS = 0.01
+
+
+def failure_counts(stats: Mapping[str, int]) -> dict[str, int]:
+    """Failed requests by kind, from an extractor's counters (``summary()``)."""
+    return {k: v for k, v in sorted(stats.items())
+            if v and (k in FAILURE_KINDS or (k.startswith("http_") and k != "http_429"))}
+
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
     """Seconds from ``retry-after-ms``, ``retry-after`` (seconds or HTTP date); None if absent."""
     if not headers:
@@ -95,25 +118,35 @@ def _run_coro(coro: Any) -> Any:
 
 # ---- the extractor ------------------------------------------------------------------------------
 @dataclass(slots=True)
-class _Shared:
-    """State shared by the request tasks of one batch: the global 429 pause."""
+class _Miss:
+    """One attempt that brought no answer: the counter it goes to and whether a retry may help."""
 
-    pause_until: float = 0.0
-    fatal: BaseException | None = None
-    stats: Counter = field(default_factory=Counter)
+    kind: str
+    message: str
+    retryable: bool = True
+    retry_after: float | None = None
 
 
 class LLMExtractor:
     """``get_extractor("llm", model=..., base_url=..., mode=..., ...)``; see ``LLMConfig``."""
 
     name = "llm"
+    operational_options = frozenset(f.name for f in fields(LLMConfig)) - OUTPUT_OPTIONS
+    """Options that do not change the output: kept out of the shard fingerprint."""
+    retryable_statuses = frozenset({STATUS_FAILED})
+    """Sample statuses a rerun may turn into answers (``--retry-failed``): failures are not cached."""
 
     def __init__(self, **options: Any):
         self.config = LLMConfig(**options)
         c = self.config
         self.version = f"{PROMPT_VERSION}+{c.model}+t{c.temperature:g}"
         cd = c.cache_dir
-        self.cache = AnswerCache(cd) if cd and cd.lower() != "none" else None
+        self.cache = None
+        if cd and cd.lower() != "none" and (not c.dry_run or (Path(cd) / CACHE_FILENAME).is_file()):
+            self.cache = AnswerCache(cd)  # a dry run reads an existing cache and creates none
+        self.limits = SharedLimits(c.limits_dir, c.base_url or "https://api.openai.com/v1", c.model,
+                                   max_concurrency=c.max_concurrency, rpm=c.requests_per_minute,
+                                   tpm=c.tokens_per_minute)
         self.stats: Counter = Counter()
         self.dry_run_estimate: Any = None  # cost.CostEstimate, summed over dry-run batches
 
@@ -124,12 +157,12 @@ class LLMExtractor:
 
     def __getstate__(self) -> dict[str, Any]:  # picklable for multi-process pipelines
         return {"config": self.config, "version": self.version, "stats": self.stats,
-                "dry_run_estimate": self.dry_run_estimate,
+                "dry_run_estimate": self.dry_run_estimate, "limits": self.limits,
                 "cache_dir": str(self.cache.path.parent) if self.cache is not None else None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.config, self.version, self.stats = state["config"], state["version"], state["stats"]
-        self.dry_run_estimate = state["dry_run_estimate"]
+        self.dry_run_estimate, self.limits = state["dry_run_estimate"], state["limits"]
         self.cache = AnswerCache(state["cache_dir"]) if state["cache_dir"] else None
 
     def request_body(self, item: ExtractInput) -> dict[str, Any]:
@@ -171,6 +204,32 @@ class LLMExtractor:
                  len(items), len(items) - len(todo), len(todo), dict(self.stats))
         return results
 
+    # -- failure budget --
+    def check_failure_budget(self, *, final: bool = False) -> None:
+        """Raise ``FailureBudgetError`` when more than ``max_failure_rate`` of the requests (once
+        ``failure_budget_after`` were sent) or, with ``final``, of the samples sent failed."""
+        c, s = self.config, self.stats
+        requests, failed = s["requests"], s["failed_requests"]
+        asked, lost = s["samples"] - s["cache_hits"], s[f"status_{STATUS_FAILED}"]
+        if requests >= c.failure_budget_after and failed > c.max_failure_rate * requests:
+            what = f"{failed} of {requests} requests failed"
+        elif final and asked > 0 and lost > c.max_failure_rate * asked:
+            what = f"{lost} of {asked} samples got no answer ({failed} of {requests} requests failed)"
+        else:
+            return
+        kinds = ", ".join(f"{k} {v}" for k, v in failure_counts(s).items()) or "none"
+        raise FailureBudgetError(
+            f"llm extractor: {what} (by kind: {kinds}), more than max_failure_rate={c.max_failure_rate:g}; "
+            f"stopped before writing the shard. Check base_url={c.base_url!r} and model={c.model!r}; "
+            f"failures are not cached, so a rerun asks only for them")
+
+    def check_publishable(self) -> None:
+        """Pipeline hook, called before a shard is written: raise if these results must not be."""
+        if self.config.dry_run:
+            raise ExtractorError("llm extractor: dry_run=true only estimates the cost and writes no "
+                                 "shards; use 'dm-preprocess run --dry-run' or 'dm-preprocess cost'")
+        self.check_failure_budget(final=True)
+
     # -- dry run --
     def _dry_run(self, items: Sequence[ExtractInput], keys: Sequence[str],
                  cached: Mapping[str, CachedAnswer]) -> list[ExtractResult]:
@@ -208,89 +267,115 @@ class LLMExtractor:
 
     async def _run_online(self, todo: Mapping[str, dict[str, Any]]) -> dict[str, CachedAnswer | Failure]:
         api_key = resolve_api_key(self.config)
-        shared = _Shared()
-        sem = asyncio.Semaphore(self.config.max_concurrency)
+        sem = asyncio.Semaphore(self.config.max_concurrency)  # this process's share of the slots
+        polling = asyncio.Lock()  # one task per process polls the shared slots at a time
+        count = self._token_counter()
         out: dict[str, CachedAnswer | Failure] = {}
         client = self._client(api_key)
         try:
-            tasks = {asyncio.create_task(self._one(client, sem, shared, k, b, api_key)): k
-                     for k, b in todo.items()}
-            pending = set(tasks)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
-                for t in done:
-                    if t.exception() is not None:
-                        for p in pending:
-                            p.cancel()
-                        await asyncio.gather(*pending, return_exceptions=True)
-                        raise t.exception()
-                    out[tasks[t]] = t.result()
+            with self.limits:  # the shared limit files, open for this batch
+                tasks = {asyncio.create_task(self._one(client, sem, polling, k, b, api_key, count(b))): k
+                         for k, b in todo.items()}
+                pending = set(tasks)
+                while pending:  # the first exception (401, failure budget) cancels the rest
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                    for t in done:
+                        if t.exception() is not None:
+                            for p in pending:
+                                p.cancel()
+                            await asyncio.gather(*pending, return_exceptions=True)
+                            raise t.exception()
+                        out[tasks[t]] = t.result()
         finally:
             await client.close()
-            self.stats.update(shared.stats)
         return out
 
-    async def _one(self, client: Any, sem: asyncio.Semaphore, shared: _Shared, key: str,
-                   body: dict[str, Any], api_key: str) -> CachedAnswer | Failure:
+    def _token_counter(self) -> Any:
+        """Input tokens of a request body, for the tokens-per-minute limit (0 when there is none)."""
+        if self.config.tokens_per_minute is None:
+            return lambda body: 0
+        from preprocess.extractors.llm.cost import (
+            count_body_input_tokens,
+            encoding_name_for_model,
+            load_encoding,
+        )
+
+        enc = load_encoding(encoding_name_for_model(self.config.model)[0])
+        return lambda body: count_body_input_tokens(body, enc)
+
+    async def _one(self, client: Any, sem: asyncio.Semaphore, polling: asyncio.Lock, key: str,
+                   body: dict[str, Any], api_key: str, tokens: int) -> CachedAnswer | Failure:
         c = self.config
         last = "unknown error"
         for attempt in range(c.max_retries + 1):
-            retry_after: float | None = None
             async with sem:
-                # Checked after acquiring the slot, so tasks queued behind a 429 also wait it out.
-                wait = shared.pause_until - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                shared.stats["requests"] += 1
+                async with polling:
+                    while (slot := self.limits.try_slot()) is None:
+                        await asyncio.sleep(SLOT_POLL_SECONDS)
                 try:
-                    resp = await client.chat.completions.create(**body)
-                    if not hasattr(resp, "model_dump"):  # a 200 that is not JSON (e.g. a proxy's page)
-                        raise ValueError("not a chat completion")
-                except (openai.APIResponseValidationError, ValueError):
-                    shared.stats["invalid_responses"] += 1
-                    last = "invalid response body (not a chat completion)"
-                except openai.APITimeoutError:
-                    shared.stats["timeouts"] += 1
-                    last = f"timeout after {c.timeout:g}s"
-                except openai.APIConnectionError as e:
-                    shared.stats["connection_errors"] += 1
-                    last = redact(f"connection error: {e}", api_key)
-                except openai.APIStatusError as e:
-                    status = e.status_code
-                    msg = redact(f"HTTP {status}: {e.message}", api_key)
-                    if status in (401, 403, 404):
-                        raise LLMConfigError(f"{msg} (model={c.model!r}, base_url={c.base_url!r}, "
-                                             f"key from ${c.api_key_env})") from None
-                    if status not in RETRYABLE_STATUS:
-                        shared.stats[f"http_{status}"] += 1
-                        log.warning("llm request %s… failed permanently: %s", key[:12], msg)
-                        return Failure(msg)
-                    shared.stats[f"http_{status}"] += 1
-                    last = msg
-                    retry_after = retry_after_seconds(e.response.headers)
-                    if status == 429 and retry_after is not None:
-                        shared.pause_until = max(shared.pause_until,
-                                                 time.monotonic() + min(retry_after, c.backoff_max))
-                else:
-                    answer = answer_from_completion(resp)
-                    shared.stats["input_tokens"] += answer.input_tokens
-                    shared.stats["output_tokens"] += answer.output_tokens
-                    if self.cache is not None:
-                        self.cache.put(key, answer, model=c.model, prompt_version=PROMPT_VERSION)
-                    return answer
+                    # Waited out holding the slot, so requests queued behind a 429 also wait.
+                    wait = self.limits.reserve(tokens)
+                    while wait > 0:
+                        await asyncio.sleep(wait)
+                        wait = self.limits.pause_left()
+                    self.stats["requests"] += 1
+                    got = await self._send(client, body, api_key)
+                finally:
+                    self.limits.release_slot(slot)
+            if isinstance(got, CachedAnswer):
+                self.stats["input_tokens"] += got.input_tokens
+                self.stats["output_tokens"] += got.output_tokens
+                self.limits.charge_tokens(got.output_tokens)
+                if self.cache is not None:
+                    self.cache.put(key, got, model=c.model, prompt_version=PROMPT_VERSION)
+                return got
+            self.stats[got.kind] += 1
+            last = got.message
+            if got.kind == "http_429":
+                if got.retry_after is not None:
+                    self.limits.pause(min(got.retry_after, c.backoff_max))
+            else:
+                self.stats["failed_requests"] += 1
+                self.check_failure_budget()
+            if not got.retryable:
+                log.warning("llm request %s… failed permanently: %s", key[:12], last)
+                return Failure(last)
             if attempt == c.max_retries:
                 break
-            shared.stats["retries"] += 1
-            if retry_after is not None:
-                delay = min(c.backoff_max, retry_after)
-            else:
-                delay = backoff_seconds(attempt, c)
+            self.stats["retries"] += 1
+            delay = min(c.backoff_max, got.retry_after) if got.retry_after is not None \
+                else backoff_seconds(attempt, c)
             await asyncio.sleep(delay)
         log.warning("llm request %s… failed after %d attempts: %s", key[:12], c.max_retries + 1, last)
         return Failure(last)
 
+    async def _send(self, client: Any, body: dict[str, Any], api_key: str) -> CachedAnswer | _Miss:
+        """One attempt: the answer, or what went wrong (a 401/403/404 raises ``LLMConfigError``)."""
+        c = self.config
+        try:
+            resp = await client.chat.completions.create(**body)
+        except openai.APIResponseValidationError:
+            return _Miss("invalid_responses", "invalid response body (not a chat completion)")
+        except openai.APITimeoutError:
+            return _Miss("timeouts", f"timeout after {c.timeout:g}s")
+        except openai.APIConnectionError as e:
+            return _Miss("connection_errors", redact(f"connection error: {e}", api_key))
+        except openai.APIStatusError as e:
+            status = e.status_code
+            msg = redact(f"HTTP {status}: {e.message}", api_key)
+            if status in (401, 403, 404):
+                raise LLMConfigError(f"{msg} (model={c.model!r}, base_url={c.base_url!r}, "
+                                     f"key from ${c.api_key_env})") from None
+            return _Miss(f"http_{status}", msg, status in RETRYABLE_STATUS,
+                         retry_after_seconds(e.response.headers))
+        if not hasattr(resp, "model_dump"):  # a 200 that is not JSON (e.g. a proxy's page)
+            return _Miss("invalid_responses", "invalid response body (not a chat completion)")
+        d = resp.model_dump()
+        problem = transient_problem(d)
+        if problem is not None:
+            return _Miss(problem, f"HTTP 200 without an answer ({problem})")
+        return answer_from_completion(d)
+
     def summary(self) -> dict[str, int]:
-        """Counters so far: requests, retries, cache_hits, status_*, tokens, http_* ..."""
+        """Counters so far: requests, retries, failed_requests, cache_hits, status_*, tokens, http_* ..."""
         return dict(self.stats)
-
-

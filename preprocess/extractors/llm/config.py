@@ -8,13 +8,24 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from preprocess.extractors.base import ExtractorError
+
 log = logging.getLogger(__name__)
 
 _KEYLIKE = re.compile(r"sk-[A-Za-z0-9_\-*.]{3,}")
 
 
-class LLMConfigError(RuntimeError):
+class LLMConfigError(ExtractorError):
     """A problem no retry can fix (bad key, unknown model, missing key variable): stop the run."""
+
+
+class FailureBudgetError(ExtractorError):
+    """Too many requests or samples failed (``max_failure_rate``): stop before writing a shard."""
+
+
+OUTPUT_OPTIONS = frozenset({"model", "temperature", "seed", "max_output_tokens"})
+"""The options that change what is written (they are in the request, hence the answer); every other
+option is operational (where and how fast to ask) and stays out of the output fingerprint."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -30,7 +41,18 @@ class LLMConfig:
     mode: str = "online"
     """'online' (concurrent chat requests) or 'batch' (OpenAI Batch API, half price, ≤ 24 h)."""
     max_concurrency: int = 16
-    """Requests in flight at once; raise it to your rate limit (RPM x latency / 60)."""
+    """Requests in flight at once on this machine, all worker processes together (``limits``)."""
+    requests_per_minute: float | None = None
+    """Requests per minute on this machine, all processes together; None = no limit."""
+    tokens_per_minute: float | None = None
+    """Input + output tokens per minute on this machine, all processes together; None = no limit."""
+    limits_dir: str | None = None
+    """Folder of the shared limit files (lock files); None = the system's temporary folder."""
+    max_failure_rate: float = 0.05
+    """Stop the run when more than this share of requests (after ``failure_budget_after`` requests)
+    or of a shard's requested samples failed; 1 disables the budget."""
+    failure_budget_after: int = 100
+    """Requests of a shard before the request share is checked (the sample share is checked always)."""
     max_retries: int = 6
     """Retries per request after 429/5xx/timeouts/connection errors (not counting the first try)."""
     timeout: float = 120.0
@@ -80,6 +102,12 @@ class LLMConfig:
         for name in ("max_concurrency", "max_output_tokens", "batch_max_requests", "batch_max_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"llm extractor option {name}={getattr(self, name)}: must be >= 1")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ValueError(f"llm extractor option max_failure_rate={self.max_failure_rate}: "
+                             "expected a share in [0, 1]")
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"llm extractor option {name}={getattr(self, name)}: must be > 0")
         if self.max_retries < 0 or self.timeout <= 0:
             raise ValueError("llm extractor options: max_retries must be >= 0 and timeout > 0")
         if self.prices is not None:

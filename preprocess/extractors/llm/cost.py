@@ -135,6 +135,12 @@ def count_request_input_tokens(item: ExtractInput, enc: tiktoken.Encoding) -> in
     return fixed + count_message_tokens(messages[1:], enc) - TOKENS_REPLY_PRIMING
 
 
+def count_body_input_tokens(body: Mapping[str, Any], enc: tiktoken.Encoding) -> int:
+    """Input tokens of a request body as it is sent: messages + the JSON schema of its answer."""
+    schema = json.dumps(body["response_format"]["json_schema"], separators=(",", ":"))
+    return count_message_tokens(body["messages"], enc) + len(enc.encode(schema))
+
+
 @lru_cache(maxsize=64)
 def _fixed_tokens(enc_name: str, domain: Domain, system: str) -> int:
     """System message + reply priming + schema: identical for all samples of a domain, counted once."""

@@ -1,27 +1,38 @@
 """Rule-based information-dense spans for code (paper §2.1 "future work": AST hard rules).
 
 The paper's code hubs are *control-flow conditions* (the judgment of ``if``/``while``) and
-*algorithm pivot points*.  With Python's ``ast`` we mark, per node kind:
+*algorithm pivot points*.  Rules 2.0 follow structure, not syntax (calibrated on the hand-labelled
+set in ``benchmarks/data/extraction_agreement``): a statement that decides or changes the
+algorithm's state is dense, bookkeeping is not.  With Python's ``ast`` we mark, per node kind:
 
-- ``condition``: the test of ``if``/``elif``/``while``/``assert``, of a conditional expression
+- ``condition``: ``if``/``elif``/``while`` with their test, from the keyword (``if (a > b)``,
+  closing parentheses included), the test of ``assert``, of a conditional expression
   (``a if TEST else b``), the ``if`` filters of comprehensions and ``case ... if GUARD``;
-- ``loop``: the loop header from the target to the end of the iterable (``i in range(1, n+1)``),
-  for ``for`` statements and comprehension clauses;
-- ``return``: the value of ``return``/``yield``/``yield from`` (what the algorithm produces);
-- ``compare``: every comparison elsewhere (``x == y`` in an argument, a ``return`` or an assignment);
-- ``update``: the assignments that drive the algorithm: augmented assignments (``s += x``), any
-  assignment inside a loop body, recurrences (a target that also appears on the right,
-  ``a, b = b, a + b``, ``dp[i] = dp[i-1] + c``); with ``return_definitions=True`` also the
-  computation of a value the function returns bare (``res = tuple(set(a) & set(b)); return res``;
-  off by default: it lifts MBPP's rho from 0.30 to 0.38).  Set-up assignments (``R = 3``,
-  ``result = []``) are glue.
+- ``loop``: ``for`` headers from the keyword to the end of the iterable (``for i in range(1, n+1)``;
+  comprehension clauses from the target) *unless the loop just walks its input* (``for x in xs``,
+  ``range(n)``, ``range(len(xs))``, ``enumerate(xs)``: structure, not a decision);
+- ``return``: a computed value of ``return``/``yield`` (``return n ^ res``); bare and constant
+  returns (``return res``, ``return True``) only name a result decided elsewhere;
+- ``compare``: every comparison elsewhere (``x == y`` in an argument or an assignment);
+- ``update``: recurrences (a target also read on the right: ``a, b = b, a + b``), augmented
+  assignments except index steps (``i += 1`` when ``i`` is not what the function returns),
+  arithmetic assignments (``mean = sum(xs) / len(xs)``), state-changing expression statements
+  (``temp.append(grid[i-1][j])``, ``heapq.heappush(q, x)``, ``lines.sort()``; not prints), inside
+  loops container/attribute writes, calls and new values of result names (``m = e``), and with
+  ``return_definitions`` (on) the computation of a value returned bare (``res = ...; return res``).
+  Set-up (``R = 3``, ``temp = []``) and temporaries (``temp = arr[i]``) are glue.  Of a
+  comprehension only the element and the clauses are marked, not ``return sum(`` around them.
 
-Keywords (``if``, ``return``), signatures, imports, docstrings and f-string contents are never marked.
+Signatures, imports, docstrings and f-string contents are never marked.
 
 ``ast`` column offsets are UTF-8 *byte* offsets within a line; :class:`LineIndex` converts them
 to Python ``str`` indices (the span contract of :mod:`preprocess.extractors.base`).  Code that does not
 parse is handled by the longest parseable prefix plus a language-agnostic line regex for the rest
 (``if (...)``, ``while ...:``, ``return ...;``, ``x += ...``), reported as ``unparsable_code``.
+
+Over 400 lines: the AST walk, the predicates that tell bookkeeping from state changes and the regex
+fallback share the private helpers here; the module is kept whole while ``preprocess/`` is being
+reorganised into stage folders.
 """
 
 from __future__ import annotations
@@ -45,15 +56,16 @@ class CodeRuleOptions:
     conditions: bool = True
     """if/elif/while/assert tests, ternary tests, comprehension filters, match guards."""
     loops: bool = True
-    """``for`` targets and iterables (also in comprehensions)."""
+    """``for`` headers that are more than a walk over the input (also in comprehensions)."""
     returns: bool = True
-    """Values of return / yield."""
+    """Computed values of return / yield."""
     comparisons: bool = True
     """Every comparison expression, wherever it appears."""
     assignments: bool = True
-    """Augmented assignments, assignments inside loops, recurrences (target also read on the right)."""
-    return_definitions: bool = False
-    """Non-trivial assignments to a name the function returns bare (``res = ...; return res``)."""
+    """State changes: recurrences, updates, arithmetic assignments, operative calls (see the module)."""
+    return_definitions: bool = True
+    """Non-trivial assignments to a name the function returns bare (``res = ...; return res``): with
+    bare returns unmarked, this is where the result is computed."""
 
 
 class LineIndex:
@@ -111,13 +123,27 @@ def _dotted(node: ast.AST) -> str | None:
 
 
 def _names(node: ast.AST) -> set[str]:
-    """Every name and dotted attribute read in an expression."""
+    """Every name and dotted attribute read in an expression (``ast.walk`` without the generator
+    machinery, skipping node types that hold no names: it runs for every assignment and return)."""
     out: set[str] = set()
-    for n in ast.walk(node):
-        if isinstance(n, (ast.Name, ast.Attribute)):
+    stack = [node]
+    skip = _NAMELESS_TYPES
+    while stack:
+        n = stack.pop()
+        t = type(n)
+        if t is ast.Name:
+            out.add(n.id)  # type: ignore[attr-defined]
+            continue
+        if t is ast.Attribute:
             d = _dotted(n)
             if d is not None:
                 out.add(d)
+        for name in n._fields:
+            v = getattr(n, name, None)
+            if type(v) is list:
+                stack.extend(x for x in v if isinstance(x, _AST) and type(x) not in skip)
+            elif isinstance(v, _AST) and type(v) not in skip:
+                stack.append(v)
     return out
 
 
@@ -148,18 +174,25 @@ def drop_nested(spans: list[Span]) -> list[Span]:
     return out
 
 
-def _returned_names(func: ast.FunctionDef | ast.AsyncFunctionDef) -> frozenset[str]:
-    """Names returned bare (``return result``) by ``func`` itself, not by functions nested in it."""
-    out: set[str] = set()
+def _result_names(func: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[frozenset[str], frozenset[str]]:
+    """``(returned bare, read by any return/yield)`` of ``func`` itself, not of functions nested in it.
+
+    ``return result`` and ``return (s, e)`` put their names in both; ``return 1 << count`` puts
+    ``count`` in the second only.
+    """
+    bare: set[str] = set()
+    read: set[str] = set()
     stack: list[ast.AST] = list(func.body)
     while stack:
         node = stack.pop()
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
             continue
-        if isinstance(node, ast.Return) and isinstance(node.value, ast.Name):
-            out.add(node.value.id)
-        stack.extend(ast.iter_child_nodes(node))
-    return frozenset(out)
+        if isinstance(node, (ast.Return, ast.Yield, ast.YieldFrom)) and node.value is not None:
+            parts = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            bare.update(p.id for p in parts if isinstance(p, ast.Name))
+            read |= _names(node.value)
+        stack.extend(_children(node))  # leaves (names, operators) hold no return
+    return frozenset(bare), frozenset(read)
 
 
 def _trivial(value: ast.AST) -> bool:
@@ -167,12 +200,94 @@ def _trivial(value: ast.AST) -> bool:
     if isinstance(value, (ast.Constant, ast.Name)):
         return True
     if isinstance(value, (ast.List, ast.Tuple, ast.Set)):
-        return not value.elts
+        return not value.elts or all(isinstance(e, ast.Constant) for e in value.elts)
     if isinstance(value, ast.Dict):
         return not value.keys
     if isinstance(value, ast.Call) and isinstance(value.func, ast.Name):
         return not value.args and not value.keywords  # list(), dict(), set()
+    if isinstance(value, ast.BinOp) and isinstance(value.op, ast.Mult):
+        return _trivial(value.left) and isinstance(value.left, (ast.List, ast.Tuple))  # [0] * n
+    if isinstance(value, ast.ListComp):  # [[0 for _ in range(n)] for _ in range(m)]
+        return not isinstance(value.elt, ast.Name) and _trivial(value.elt)
     return False
+
+
+def _bare(value: ast.AST | None) -> bool:
+    """A value that only names a result (``x``, ``self.head``, ``True``, ``(a, b)``): no computation."""
+    if value is None or isinstance(value, (ast.Constant, ast.Name)):
+        return True
+    if isinstance(value, ast.Attribute):
+        return _dotted(value) is not None
+    if isinstance(value, ast.Tuple):
+        return all(_bare(e) for e in value.elts)
+    return False
+
+
+_PLAIN_RANGES = frozenset({"range", "enumerate", "reversed", "sorted"})
+
+
+def _plain_iteration(it: ast.AST) -> bool:
+    """A loop that just walks its input (``xs``, ``self.items``, ``range(n)``, ``range(len(xs))``,
+    ``range(0, n)``, ``enumerate(xs)``): the header is structure, not a decision.  Bounds that say
+    something (``range(1, n + 1)``, ``range(5, isqrt(n) + 1, 6)``, ``zip(a, b)``) are kept."""
+    if _bare(it) or isinstance(it, ast.Subscript) and _bare(it.value) and _bare(it.slice):
+        return True
+    if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id in _PLAIN_RANGES):
+        return False
+    args = list(it.args)
+    if it.keywords or not args or len(args) > 2:
+        return False
+    if len(args) == 2:
+        if it.func.id != "range" or not (isinstance(args[0], ast.Constant) and args[0].value == 0):
+            return False
+        args = args[1:]
+    a = args[0]
+    if isinstance(a, ast.Call) and isinstance(a.func, ast.Name) and a.func.id == "len" and len(a.args) == 1:
+        a = a.args[0]
+    return _bare(a)
+
+
+def _step(node: ast.AugAssign | ast.Assign) -> str | None:
+    """The name of an index step ``i += 1`` / ``i -= 1`` / ``i = i + 1``, else None."""
+    if isinstance(node, ast.AugAssign):
+        tgt, op, val = node.target, node.op, node.value
+    elif len(node.targets) == 1 and isinstance(node.value, ast.BinOp) \
+            and isinstance(node.value.left, ast.Name):
+        tgt, op, val = node.targets[0], node.value.op, node.value.right
+        if not isinstance(tgt, ast.Name) or node.value.left.id != tgt.id:
+            return None
+    else:
+        return None
+    if isinstance(tgt, ast.Name) and isinstance(op, (ast.Add, ast.Sub)) and isinstance(val, ast.Constant) \
+            and val.value == 1:
+        return tgt.id
+    return None
+
+
+def _computes(value: ast.AST) -> bool:
+    """Arithmetic in the value (``sum(xs) / len(xs)``, ``-m``, ``int(n ** 0.5)``), not ``[0] * n``."""
+    for n in ast.walk(value):
+        if isinstance(n, ast.BinOp) and not _trivial(n) and not (
+                isinstance(n.op, ast.Mod) and isinstance(n.left, (ast.Constant, ast.JoinedStr))):
+            return True
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) \
+                and not isinstance(n.operand, ast.Constant):
+            return True
+    return False
+
+
+_SIDE_EFFECT_FREE = frozenset({"print", "pprint", "display", "breakpoint", "input"})
+
+
+def _operative_call(value: ast.AST) -> bool:
+    """An expression statement that changes state (``temp.append(x)``, ``heapq.heappush(q, x)``,
+    ``lines.sort()``, ``push(i, j + 1)``); prints, logging and docstrings are not."""
+    if not isinstance(value, ast.Call):
+        return False
+    f = value.func
+    name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+    base = _dotted(f.value) if isinstance(f, ast.Attribute) else None
+    return name not in _SIDE_EFFECT_FREE and base not in ("logging", "log", "logger", "warnings")
 
 
 _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
@@ -194,6 +309,8 @@ def _leaf_types() -> frozenset[type]:
 
 
 _LEAF_TYPES = _leaf_types()
+# Node types without a name below them (contexts, operators, constants, import aliases).
+_NAMELESS_TYPES = frozenset(t for t in _LEAF_TYPES if not issubclass(t, (ast.Name, ast.JoinedStr)))
 _AST = ast.AST
 
 
@@ -213,69 +330,139 @@ def _children(node: ast.AST) -> list[ast.AST]:
 def _collect_nodes(roots: list[ast.AST], index: LineIndex, o: CodeRuleOptions) -> list[Span]:
     """One iterative pass over the tree (no per-node method dispatch: this is the hot loop).
 
-    Each stack entry carries whether it is inside a loop body and the names its function returns
-    bare; both reset at ``def``/``class``/``lambda`` (a loop around a nested def does not make the
-    def's body "in a loop").
+    Each stack entry carries whether it is inside a loop body and the function's result names (see
+    :class:`_Scope`); both reset at ``def``/``class``/``lambda`` (a loop around a nested def does not
+    make the def's body "in a loop").  Statement spans (``if``/``while``/``for``/``return``) start
+    at their keyword, as the paper's extraction prompt marks them (``if x % 2 == 0``).
     """
     spans: list[Span] = []
     add = spans.append
     span = index.span
-    empty: frozenset[str] = frozenset()
-    stack: list[tuple[ast.AST, bool, frozenset[str]]] = [(r, False, empty) for r in roots]
+    top = _Scope(frozenset(), frozenset(), known=False)
+    stack: list[tuple[ast.AST, bool, _Scope]] = [(r, False, top) for r in roots]
     while stack:
-        node, in_loop, returned = stack.pop()
+        node, in_loop, sc = stack.pop()
         t = type(node)
         if t is ast.Compare:
             if o.comparisons:
                 add(span(node, "compare"))
-        elif t is ast.If or t is ast.IfExp or t is ast.Assert:
+        elif t is ast.If or t is ast.While:
+            if o.conditions:
+                add(_join(span(node, "condition"), span(node.test, "condition")))
+            stack.append((node.test, in_loop, sc))
+            stack.extend((c, in_loop or t is ast.While, sc) for c in node.body)
+            stack.extend((c, in_loop, sc) for c in node.orelse)
+            continue
+        elif t is ast.IfExp or t is ast.Assert:
             if o.conditions:
                 add(span(node.test, "condition"))
         elif t is ast.For or t is ast.AsyncFor:
-            if o.loops:
-                add(_join(span(node.target, "loop"), span(node.iter, "loop")))
-            stack.append((node.target, in_loop, returned))
-            stack.append((node.iter, in_loop, returned))
-            stack.extend((c, True, returned) for c in node.body)
-            stack.extend((c, in_loop, returned) for c in node.orelse)
-            continue
-        elif t is ast.While:
-            if o.conditions:
-                add(span(node.test, "condition"))
-            stack.append((node.test, in_loop, returned))
-            stack.extend((c, True, returned) for c in node.body)
-            stack.extend((c, in_loop, returned) for c in node.orelse)
+            if o.loops and not _plain_iteration(node.iter):
+                add(_join(span(node, "loop"), span(node.iter, "loop")))
+            stack.append((node.target, in_loop, sc))
+            stack.append((node.iter, in_loop, sc))
+            stack.extend((c, True, sc) for c in node.body)
+            stack.extend((c, in_loop, sc) for c in node.orelse)
             continue
         elif t is ast.comprehension:
-            if o.loops:
+            if o.loops and not _plain_iteration(node.iter):
                 add(_join(span(node.target, "loop"), span(node.iter, "loop")))
             if o.conditions:
                 spans.extend(span(c, "condition") for c in node.ifs)
         elif t is ast.Return or t is ast.Yield or t is ast.YieldFrom:
-            if o.returns and node.value is not None:
-                add(span(node.value, "return"))
+            if o.returns and not _bare(node.value):
+                comp = _comprehension(node.value)
+                add(span(node.value, "return") if comp is None else _element(comp, span, "return"))
+        elif t is ast.Expr:
+            if o.assignments and _operative_call(node.value):
+                add(span(node, "update"))
         elif t is ast.AugAssign:
             if o.assignments:
-                add(span(node, "update"))
-        elif t is ast.Assign or t is ast.AnnAssign:
-            if o.assignments and node.value is not None:
-                if in_loop:
+                step = _step(node)
+                if step is None or not sc.known or step in sc.read:
                     add(span(node, "update"))
-                else:
-                    written: set[str] = set()
-                    for tgt in (node.targets if t is ast.Assign else [node.target]):
-                        written |= _target_base_names(tgt)
-                    if written & _names(node.value) or (written & returned and not _trivial(node.value)):
-                        add(span(node, "update"))
+        elif t is ast.Assign or t is ast.AnnAssign:
+            if o.assignments and node.value is not None and _operative_assign(node, in_loop, sc, o):
+                comp = _comprehension(node.value)
+                add(span(node, "update") if comp is None else _element(comp, span, "update"))
         elif t is ast.match_case:
             if o.conditions and node.guard is not None:
                 add(span(node.guard, "condition"))
         elif isinstance(node, _SCOPES):
-            inner = _returned_names(node) if (o.return_definitions and isinstance(node, _FUNCS)) else empty
+            inner = _Scope(*_result_names(node)) if isinstance(node, _FUNCS) else top
             stack.extend((c, False, inner) for c in _children(node))
             continue
-        stack.extend((c, in_loop, returned) for c in _children(node))
+        stack.extend((c, in_loop, sc) for c in _children(node))
     return [s for s in spans if s is not None]
+
+
+_COMPS = (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)
+
+
+def _comprehension(value: ast.AST) -> ast.AST | None:
+    """The comprehension a value is built from (``[f(x) for x in xs]``, ``sum(f(x) for x in xs)``,
+    ``''.join(...)``), or None.  Its element and clauses carry the computation; the wrapper is glue."""
+    if isinstance(value, _COMPS):
+        return value
+    if isinstance(value, ast.Call) and len(value.args) == 1 and not value.keywords \
+            and isinstance(value.args[0], _COMPS):
+        return value.args[0]
+    return None
+
+
+def _element(comp: ast.AST, span, kind: str) -> Span | None:
+    """Span of a comprehension's element (``key: value`` for a dict comprehension); when the element
+    only names the loop variable, nothing if a filter follows (marked as a condition), else the whole
+    comprehension."""
+    if isinstance(comp, ast.DictComp):
+        return _join(span(comp.key, kind), span(comp.value, kind))
+    elt = comp.elt  # type: ignore[attr-defined]
+    if not _bare(elt):
+        return span(elt, kind)
+    if any(g.ifs for g in comp.generators):  # type: ignore[attr-defined]
+        return None  # [x for x in xs if p(x)]: the filter says it all
+    return span(comp, kind)  # [e for s in xss for e in s]: the clauses are the computation
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """Result names of the enclosing function: returned bare (``return res``) and read by any return."""
+
+    bare: frozenset[str]
+    read: frozenset[str]
+    known: bool = True
+    """False outside functions (module-level scripts): no returns to tell a step from a result."""
+
+
+def _operative_assign(node: ast.Assign | ast.AnnAssign, in_loop: bool, sc: _Scope,
+                      o: CodeRuleOptions) -> bool:
+    """Does this assignment change the algorithm's state, or is it bookkeeping?
+
+    Operative: a recurrence (a target also read on the right: ``a, b = b, a + b``); a write into a
+    container or attribute inside a loop (``dp[i][j] = ...``); a value with arithmetic
+    (``mean = sum(xs) / len(xs)``); inside a loop, a call (``v = queue.pop(0)``) or a new value for a
+    result name (``m = e`` when the function returns ``m``); with ``return_definitions``, the
+    non-trivial computation of a value returned bare (``res = tuple(set(a) & set(b)); return res``).
+    Bookkeeping: set-up (``temp = []``, ``R = 3``), temporaries (``temp = arr[i]``), index steps.
+    """
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    written: set[str] = set()
+    for tgt in targets:
+        written |= _target_base_names(tgt)
+    value = node.value
+    step = _step(node) if isinstance(node, ast.Assign) else None
+    if step is not None:
+        return not sc.known or step in sc.read
+    if written & _names(value):
+        return True
+    if _trivial(value) and not (in_loop and written & sc.read):
+        return False
+    if _computes(value):
+        return True
+    if in_loop:
+        return (any(isinstance(tg, (ast.Subscript, ast.Attribute)) for tg in targets)
+                or isinstance(value, ast.Call) or bool(written & sc.read))
+    return o.return_definitions and bool(written & sc.bare)
 
 
 def _join(a: Span | None, b: Span | None) -> Span | None:
@@ -419,10 +606,25 @@ def code_spans(
 def _collect(tree: ast.AST, code: str, first_line: int, opts: CodeRuleOptions, base: int) -> list[Span]:
     # skip the ``if 1:`` wrapper itself, it is not in the source
     roots = list(tree.body[0].body) if first_line == 2 else [tree]  # type: ignore[attr-defined]
-    spans = _collect_nodes(roots, LineIndex(code, first_line), opts)
+    spans = [_close_parens(code, s) for s in _collect_nodes(roots, LineIndex(code, first_line), opts)]
     if base:
         return [Span(s.start + base, s.end + base, s.kind) for s in spans]
     return spans
+
+
+def _close_parens(code: str, sp: Span) -> Span:
+    """Take in the closing parentheses of a statement head (``if (a > b)``, ``while( n != 0)``): ``ast``
+    ends the test inside them, which would leave the ``(`` marked and the ``)`` not."""
+    end = sp.end
+    depth = code.count("(", sp.start, end) - code.count(")", sp.start, end)
+    while depth > 0:
+        k = end
+        while k < len(code) and code[k] in " \t":
+            k += 1
+        if k >= len(code) or code[k] != ")":
+            break
+        end, depth = k + 1, depth - 1
+    return sp if end == sp.end else Span(sp.start, end, sp.kind)
 
 
 def _line_start(code: str, lineno: int) -> int:

@@ -11,8 +11,9 @@ Dispatch by ``item.domain``:
   for untagged fences that do not parse (console sessions, shell, pseudo-code);
 - ``Domain.CODE`` with no fence at all: the whole response is bare code; the prose around fences
   is explanation and stays unmarked unless ``code_prose_math=True``;
-- ``Domain.MATH`` and ``Domain.OTHER``: the math rules on everything outside fences (OTHER has no
-  rules of its own: a mixed answer is prose with formulas plus fenced code).
+- ``Domain.MATH`` and ``Domain.OTHER``: the math rules on everything outside fences and outside
+  ``[asy]...[/asy]`` drawing blocks (OTHER has no rules of its own: a mixed answer is prose with
+  formulas plus fenced code).
 
 ``status`` is ``"ok"``, ``"unparsable_code"`` (a Python-tagged fence or bare code did not parse; its
 spans come from the longest parseable prefix plus the line regex), ``"non_python_code"`` (a fence
@@ -33,7 +34,23 @@ from preprocess.extractors.rules.code import CodeRuleOptions, code_spans
 from preprocess.extractors.rules.math import MathRuleOptions, RawSpan, math_span_tuples
 from preprocess.shards import Domain
 
-RULES_VERSION = "1.0.0"
+RULES_VERSION = "2.1.0"  # 2.1: spans carry KIND_PRIORITY scores (same spans as 2.0.0)
+
+KIND_PRIORITY: dict[str, float] = {
+    # code (paper: control-flow conditions, algorithm pivots, key returns)
+    "condition": 3.0,  # if/while/assert tests: the control flow
+    "return": 3.0,  # computed results
+    "loop": 2.0,  # loops that are more than a walk over the input: algorithm pivots
+    "compare": 2.0,  # comparisons outside a condition
+    "update": 1.0,  # state changes and intermediate assignments
+    # math (paper: core operations, key intermediate and final results)
+    "final_answer": 3.0,  # "#### 18", \boxed{...}: what the response exists for
+    "calc": 2.0,  # the result of a calculator step
+    "equation": 2.0,  # an operation and its result
+    "latex": 1.0,  # formulas: a derivation's rows, inline relations
+}
+"""``Span.score`` of each rule kind: under a rho budget (``--max-rho``) higher ones are kept first, equal
+ones in order of position.  A merged span takes the highest score of what it merged."""
 
 PYTHON_LANGS = frozenset({"", "python", "py", "python3", "py3", "python2", "py2", "ipython", "sage"})
 
@@ -112,12 +129,22 @@ def find_fences(text: str) -> list[Block]:
         pos = c.end()
 
 
+_ASY = re.compile(r"\[asy\](?P<body>.*?)(?:\[/asy\]|\Z)", re.S)
+
+
+def find_asy(text: str) -> list[Block]:
+    """Asymptote drawing blocks ``[asy]...[/asy]`` of competition math (MATH, AoPS): drawing code, not
+    math, so the math rules skip them (labels such as ``label("$x$", ...)`` included); an unclosed
+    block runs to the end of the text."""
+    return [Block(m.start("body"), m.end("body"), "asy") for m in _ASY.finditer(text)]
+
+
 def _finish(raw: list[RawSpan], text: str) -> list[Span]:
     """Trim, sort, check and merge the raw ``(start, end, kind)`` spans of one response.
 
-    Same result as ``validate_spans`` of the trimmed spans, but on plain tuples, which sort and
-    compare in C; ``Span`` objects are made only for the merged result (the hot path: every
-    extracted sample comes through here).
+    Same result as ``validate_spans`` of the trimmed spans scored by ``KIND_PRIORITY``, but on plain
+    tuples, which sort and compare in C; ``Span`` objects are made only for the merged result (the hot
+    path: every extracted sample comes through here).
 
     Trimming drops whitespace at span edges: with byte-level BPE a leading space belongs to the next
     token (`` <<``), so a span ending in a space would mark the following glue token as dense.
@@ -138,18 +165,19 @@ def _finish(raw: list[RawSpan], text: str) -> list[Span]:
             spans.append(sp)
     spans.sort()
     n = len(text)
-    out: list[RawSpan] = []
+    out: list[tuple[int, int, str, float]] = []
     for sp in spans:
         a, b, kind = sp
         if not (0 <= a < b <= n):
             raise SpanError(f"span [{a}, {b}) ({kind}) outside response of length {n}")
+        prio = KIND_PRIORITY[kind]
         if out and a <= out[-1][1]:
             last = out[-1]
-            if b > last[1]:
-                out[-1] = (last[0], b, last[2])
+            if b > last[1] or prio > last[3]:
+                out[-1] = (last[0], max(b, last[1]), last[2], max(prio, last[3]))
             continue
-        out.append(sp)
-    return [Span(a, b, kind) for a, b, kind in out]
+        out.append((a, b, kind, prio))
+    return [Span(a, b, kind, prio) for a, b, kind, prio in out]
 
 
 _TRUE, _FALSE = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
@@ -219,7 +247,10 @@ class RuleExtractor:
                     other_lang |= not python
         if domain != Domain.CODE or self.options.code_prose_math:
             pos = 0
-            for b in blocks:
+            skip = sorted(blocks + find_asy(text), key=lambda b: b.start) if "[asy]" in text else blocks
+            for b in skip:
+                if b.start < pos:
+                    continue  # an [asy] inside a fence, or the reverse: already skipped
                 # prose before this block (its opening fence line is glue, harmless to scan)
                 spans += math_span_tuples(text[pos:b.start], self._math, pos)
                 pos = b.end

@@ -8,15 +8,22 @@ Marked, per kind:
   operand (``6 cards - 1 cards = 5``), and across a GSM8K calculator annotation between ``=`` and
   the result (``48/2 = <<48/2=24>>24``: ``48/2 = `` and ``24`` are marked, the annotation only
   with ``calc_annotations=True``);
-- ``calc``: the result right after a calculator annotation (``<<48/2=24>>24``), which also finds
-  results whose left side is words ("half as many = <<48/2=24>>24"); with the annotation itself
-  when ``calc_annotations=True``;
-- ``final_answer``: the value after ``####``, after "the answer is", and the inside of
+- ``calc``: the result right after a calculator annotation (``<<48/2=24>>24``) with the unit word
+  after it (``24 clips``, not ``24 in``), which also finds results whose left side is words ("half as
+  many = <<48/2=24>>24"); with the annotation itself when ``calc_annotations=True``;
+- ``final_answer``: the value after ``####``, after "the answer is", after a line-initial ``A:`` or
+  ``Answer:``, and the inside of
   ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces matched);
-- ``latex``: the inside of ``$$...$$``, ``\\[...\\]``, ``\\(...\\)``, ``\\begin{equation|align|...}``
-  and inline ``$...$``.  Inline dollars follow pandoc's rule (no space after the opening ``$``,
-  none before the closing one, no digit right after it) so that GSM8K prices (``$12 x 5 = $60``)
-  are not read as formulas.
+- ``latex``: the inside of ``$$...$$``, ``\\[...\\]``, ``\\begin{equation|align|...}``
+  (display math is a derivation: always marked, row by row, without the ``\\\\`` row breaks and
+  trailing ``,``/``.``) and inline ``$...$`` or ``\\(...\\)`` *only when it states something*: a
+  relation (``=``, ``<``, ``\\le``, ``\\Rightarrow``, ...).  A bare mention (``$x$``-axis,
+  ``$(j,k)$``, ``$\\dots$``, ``$6432$``) is not dense.  Inline dollars follow pandoc's rule (no
+  space after the opening ``$``, none before the closing one, no digit right after it) so that GSM8K
+  prices (``$12 x 5 = $60``) are not read as formulas.  ``\\boxed{``/``}`` wrappers are glue inside
+  any formula.
+
+``[asy]...[/asy]`` drawing code is not math: the ``rules`` extractor skips it like a code fence.
 
 Delimiters and the ``####`` marker are format glue and stay unmarked.  All patterns are
 precompiled and linear in the text; the equation pattern only runs when the text has ``=``.
@@ -66,21 +73,29 @@ _UNIT = r"(?:/[A-Za-z]+|(?:[ \t]+[A-Za-z]+){1,2}(?:/[A-Za-z]+)?)?"
 # operators, including implicit multiplication before a parenthesis: 2(3 + 4)
 _OP = r"(?:[ \t]+[x×·][ \t]+|[ \t]*(?:\*\*|[-+*/×÷^·−])[ \t]*|(?<=[\d)])(?=\())"
 _CALC = r"<<[^<>\r\n]*>>"
+# words that may follow a result without being its unit ("9 more", "5 in total", "3 per day")
+_NOT_UNITS = ("a|an|the|and|or|but|of|to|in|on|at|for|from|by|with|into|is|are|was|were|be|so|that|this|than|"
+              "as|each|every|per|more|less|left|total|if|then|which|who|will|would|can|it|he|she|they|we|you|"
+              "his|her|their|our|its|times|days?|x")
 _EQUATION = re.compile(
     # the lookahead lets the regex engine skip to candidate characters at C speed; the lookbehind
     # stops it from retrying inside a number it has already failed on
     rf"(?=[\d($€£.])(?<![\d.,]){_NUM_OPERAND}{_UNIT}(?:{_OP}{_OPERAND}{_UNIT}){{1,40}}"  # left: an operator
     rf"(?:[ \t]*(?:=|≈|==)[ \t]*(?:[$€£]?{_CALC})?{_OPERAND}(?:{_OP}{_OPERAND}){{0,40}}){{1,8}}"
 )
-_CALC_RESULT = re.compile(rf"{_CALC}[$€£]?-?{_NUMBER}%?")
+_CALC_RESULT = re.compile(rf"{_CALC}[$€£]?-?{_NUMBER}%?(?:[ \t]+(?!(?:{_NOT_UNITS})\b)[A-Za-z]+\b)?")
 _CALC_ONLY = re.compile(_CALC)
 _HASH_ANSWER = re.compile(r"####[ \t]*(?P<ans>[^\r\n]*?)[ \t]*(?=[\r\n]|\Z)")
+_LINE_ANSWER = re.compile(r"^[ \t]*(?:A|Answer)[ \t]*:[ \t]*(?P<ans>[$€£]?-?" + _NUMBER + r"%?)", re.M)
 _SAYS_ANSWER = re.compile(
     r"\b(?:the )?(?:final )?answer is[: \t]*(?P<ans>[$€£]?-?" + _NUMBER + r"%?)", re.I
 )
 _BOXED = re.compile(r"\\(?:boxed|fbox)[ \t]*\{")
 _LATEX_DELIMS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"))
 _LATEX_ENV = re.compile(r"\\begin\{(equation|align|alignat|gather|multline|eqnarray|displaymath|math)(\*?)\}")
+# a formula that states something: a relation, an implication or an approximation
+_RELATION = re.compile(r"[=<>≤≥≠≈]|\\(?:[lg]eq?|neq?|approx|equiv|sim|cong|[lL]ongrightarrow|[rR]ightarrow|"
+                       r"[iI]mplies|to|propto|lt|gt|in|subset(?:eq)?)(?![A-Za-z])")
 # pandoc's tex_math_dollars: no space after the opening $, none before the closing $, no digit
 # after it; the content stays on one line and holds no $.
 _INLINE_DOLLAR = re.compile(r"\$(?<![\\$]\$)(?![\s$])(?P<in>[^$\r\n]*?[^\s\\$])\$(?![\d$<])")
@@ -108,8 +123,11 @@ def math_span_tuples(text: str, opts: MathRuleOptions, base: int = 0) -> list[Ra
     cuts = [m.span() for m in _CALC_ONLY.finditer(text)] if has_calc and not opts.calc_annotations else []
     cut_starts = [a for a, _ in cuts]
     if opts.equations and "=" in text:
+        latex_dollars = opts.latex and opts.inline_dollar and not has_calc
         for m in _EQUATION.finditer(text):
             s, e = m.span()
+            if latex_dollars and text[s] == "$" and _INLINE_DOLLAR.match(text, s):
+                s += 1  # "$50-6=44$": the opening delimiter of a formula, not a price
             k = bisect_right(calc_starts, s) - 1  # annotations are disjoint: only one can hold s
             if k >= 0 and e <= calcs[k][1]:
                 continue  # the arithmetic inside an annotation: handled with the annotation below
@@ -138,6 +156,9 @@ def math_span_tuples(text: str, opts: MathRuleOptions, base: int = 0) -> list[Ra
             for m in _HASH_ANSWER.finditer(text):
                 if m.end("ans") > m.start("ans") and _at_line_start(text, m.start()):
                     add((base + m.start("ans"), base + m.end("ans"), "final_answer"))
+        if "A:" in text or "nswer:" in text:
+            for m in _LINE_ANSWER.finditer(text):
+                add((base + m.start("ans"), base + m.end("ans"), "final_answer"))
         if "nswer" in text or "NSWER" in text:
             for m in _SAYS_ANSWER.finditer(text):
                 add((base + m.start("ans"), base + m.end("ans"), "final_answer"))
@@ -148,16 +169,21 @@ def math_span_tuples(text: str, opts: MathRuleOptions, base: int = 0) -> list[Ra
                 if close is not None and close > m.end():
                     add((base + m.end(), base + close, "final_answer"))
     if opts.latex:
+        formulas: list[tuple[int, int]] = []
         if "\\" in text or "$$" in text:
-            _latex_blocks(text, base, out)
+            _latex_blocks(text, formulas)
         if opts.inline_dollar and not has_calc and "$" in text:
             # GSM8K-style texts (calculator annotations) use $ for prices only
             for m in _INLINE_DOLLAR.finditer(text):
-                add((base + m.start("in"), base + m.end("in"), "latex"))
+                if _RELATION.search(text, m.start("in"), m.end("in")):
+                    formulas.append(m.span("in"))
+        for a, b in formulas:
+            for s, e in _formula_pieces(text, a, b):
+                add((base + s, base + e, "latex"))
     return out
 
 
-def _latex_blocks(text: str, base: int, out: list[RawSpan]) -> None:
+def _latex_blocks(text: str, out: list[tuple[int, int]]) -> None:
     """Insides of ``$$..$$``, ``\\[..\\]``, ``\\(..\\)`` and display environments.
 
     ``str.find`` instead of a lazy ``.+?`` regex: an opener with no closer ends the search for its
@@ -170,8 +196,8 @@ def _latex_blocks(text: str, base: int, out: list[RawSpan]) -> None:
             end = text.find(closer, start)
             if end < 0:
                 break
-            if end > start:
-                out.append((base + start, base + end, "latex"))
+            if end > start and (opener != "\\(" or _RELATION.search(text, start, end)):
+                out.append((start, end))  # \(...\) is inline math: marked when it states something
             pos = text.find(opener, end + len(closer))
     if "\\begin{" in text:
         unclosed: set[str] = set()  # same argument as above, per environment name
@@ -183,7 +209,37 @@ def _latex_blocks(text: str, base: int, out: list[RawSpan]) -> None:
             if end < 0:
                 unclosed.add(closer)
             elif end > m.end():
-                out.append((base + m.end(), base + end, "latex"))
+                out.append((m.end(), end))
+
+
+_GLUE = re.compile(r"\\\\(?:\[[^\]\n]*\])?|\\(?:boxed|fbox)[ \t]*\{|\\[qd]?quad\b|\\text\{[ ,.;a-z]*\}")
+_EDGE = " \t\r\n,.;:"
+
+
+def _formula_pieces(text: str, a: int, b: int) -> list[tuple[int, int]]:
+    """``[a, b)`` without format glue: row breaks ``\\\\``, ``\\boxed{`` and its ``}``, spacing
+    commands and connective ``\\text{ and }``, then trimmed of spaces and trailing punctuation."""
+    cuts: list[tuple[int, int]] = []
+    closing = None
+    for m in _GLUE.finditer(text, a, b):
+        cuts.append(m.span())
+        if m.group().endswith("{"):
+            closing = closing if closing is not None else _brace_pairs(text)
+            c = closing.get(m.end() - 1)
+            if c is not None and c < b:
+                cuts.append((c, c + 1))
+    out: list[tuple[int, int]] = []
+    pos = a
+    for s, e in sorted(cuts) + [(b, b)]:
+        lo, hi = pos, s
+        while lo < hi and text[lo] in _EDGE:
+            lo += 1
+        while hi > lo and text[hi - 1] in _EDGE:
+            hi -= 1
+        if hi > lo:
+            out.append((lo, hi))
+        pos = max(pos, e)
+    return out
 
 
 def _at_line_start(text: str, i: int) -> bool:

@@ -1,0 +1,94 @@
+"""The built-in task: deterministic generation, held-out disjointness, exact spans, data building."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from preprocess.extractors.registry import get_extractor
+from tasks.builtin import EXTRACTORS
+from tasks.chain import ChainSpec, Problem, is_heldout, parse_answer, problems, span_agreement, truth_spans
+
+
+def test_generator_is_deterministic_and_seeded():
+    a = list(problems("train", 200, seed=3))
+    assert a == list(problems("train", 200, seed=3))
+    assert a != list(problems("train", 200, seed=4))
+    assert list(problems("heldout", 50)) == list(problems("heldout", 50))
+
+
+def test_heldout_is_disjoint_from_train_and_distinct():
+    train = {p.prompt for p in problems("train", 5000)}
+    held = [p.prompt for p in problems("heldout", 200)]
+    assert len(set(held)) == 200
+    assert not train & set(held)
+    assert all(is_heldout(h) for h in held) and not any(is_heldout(t) for t in train)
+    # the split is a property of the problem, not of the seed
+    assert not {p.prompt for p in problems("train", 2000, seed=9)} & set(held)
+
+
+def test_problems_stay_in_range_and_chain_is_right():
+    spec = ChainSpec()
+    for p in problems("train", 500):
+        assert spec.min_steps <= len(p.ops) <= spec.max_steps
+        assert all(0 <= v <= spec.max_value for v in p.values)
+        assert all(1 <= abs(op) <= spec.max_operand for op in p.ops)
+        assert parse_answer(p.response) == p.answer == p.start + sum(p.ops)
+
+
+def test_truth_spans_are_the_computed_values():
+    p = Problem(7, (2, -3, 1))
+    assert p.prompt == "7 + 2 - 3 + 1 ="
+    assert p.response == "7+2=9\n9-3=6\n6+1=7\n#### 7"
+    spans = truth_spans(p.response)
+    assert [(p.response[s.start:s.end], s.kind) for s in spans] == [
+        ("9", "result"), ("6", "result"), ("7", "result"), ("7", "final_answer")]
+    assert truth_spans("12+3=15\n#### 15")[-1].kind == "final_answer"
+
+
+def test_parse_answer():
+    assert parse_answer("1+2=3\n#### 3") == 3
+    assert parse_answer("#### -4 and #### 5") == -4
+    assert parse_answer("1+2=3") is None
+
+
+def test_truth_extractor_is_registered_and_rules_overmark():
+    assert get_extractor(EXTRACTORS["chain-truth"]).name == "chain-truth"
+    truth = span_agreement(EXTRACTORS["chain-truth"], 200)
+    assert truth["precision"] == truth["recall"] == 1.0
+    rules = span_agreement("rules", 200)
+    # the rules mark every whole equation: all true characters, plus the copied operands and glue
+    assert rules["recall"] == 1.0 and rules["precision"] < 0.5 and rules["share_marked"] > truth["share_true"]
+
+
+def test_build_data_marks_exactly_the_results(tmp_path):
+    from preprocess.shards import ShardedDataset
+    from tasks.builtin import build_data, source_path
+    from trainer.config import TaskConfig
+
+    task = TaskConfig(train_size=40)
+    out = build_data(task, tmp_path / "chain")
+    lines = source_path(tmp_path / "chain").read_text().splitlines()
+    assert len(lines) == 40 and json.loads(lines[0])["id"] == "chain-train-0"
+    ds = ShardedDataset(out)
+    assert len(ds) == 40
+    from transformers import AutoTokenizer
+
+    from preprocess.assets import TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    # the answer token is " 7" (space included): compare without spaces
+    dense_text = sorted(tok.decode(ds[i].tokens[ds[i].flags & 2 > 0]).replace(" ", "")
+                        for i in range(len(ds)))
+    records = [json.loads(line) for line in lines]
+    assert sorted("".join(r["response"][s.start:s.end] for s in truth_spans(r["response"]))
+                  for r in records) == dense_text
+
+
+@pytest.mark.parametrize("bad", [{"name": "x"}, {"fraction": 1.5}, {"eval_size": -1}])
+def test_task_config_names_bad_field(bad):
+    from trainer.config import TaskConfig
+
+    with pytest.raises(ValueError, match=r"task\.\w+"):
+        TaskConfig(**bad)
