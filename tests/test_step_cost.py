@@ -156,7 +156,7 @@ def test_block_sparse_sdpa_equals_dense(tile: int, kv_heads: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "llada2"])
 def test_families_masked_head_and_sparse_attention(family: str) -> None:
     """Our published-family models: the block-sparse SDPA gives the sdpa logits, and a bool keep (the
     masked-only head; for Dream the predecessors, through call_model's shift) the slice-form logits."""
@@ -164,9 +164,10 @@ def test_families_masked_head_and_sparse_attention(family: str) -> None:
 
     import trainer.models.dream  # noqa: F401 - registers the families
     import trainer.models.llada  # noqa: F401
+    import trainer.models.llada2  # noqa: F401
 
     path = FIXTURES / family
-    layout = "block" if family == "llada" else "full"
+    layout = "full" if family == "dream" else "block"
     models = {impl: AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
               for impl in ("sdpa", BLOCK_SPARSE_SDPA)}
     vocab = models["sdpa"].config.vocab_size
