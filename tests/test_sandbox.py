@@ -270,7 +270,9 @@ def test_refused_namespaces_fail_closed_with_one_line():
     """Inside a sandbox that forbids new user namespaces, the harness refuses to run code (one line
     naming the switch) unless isolation is switched off explicitly."""
     cmd = [bwrap_path(), "--unshare-user", "--disable-userns", "--ro-bind", "/", "/", "--dev", "/dev",
-           "--proc", "/proc", "--tmpfs", "/tmp", "--chdir", str(REPO),
+           "--proc", "/proc", "--tmpfs", "/tmp",
+           # re-expose the checkout and the interpreter if they live under /tmp (a CI clone may)
+           "--ro-bind", str(REPO), str(REPO), "--ro-bind", sys.prefix, sys.prefix, "--chdir", str(REPO),
            sys.executable, "-c", FAIL_CLOSED_SCRIPT]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO)}
     refused = subprocess.run(cmd + ["isolated"], capture_output=True, text=True, env=env, timeout=120)
