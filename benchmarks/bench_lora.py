@@ -85,15 +85,9 @@ def child(argv: list[str], steps: int, warmup: int, out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    steps, warmup, rest = 8, 2, []
-    it = iter(argv)
-    for a in it:
-        if a == "--steps":
-            steps = int(next(it))
-        elif a == "--warmup":
-            warmup = int(next(it))
-        else:
-            rest.append(a)
+    from bench_train_step import step_args  # same directory; imported here, not at module load
+
+    steps, warmup, rest = step_args(argv, 8, 2)
     rank = [] if any(a.startswith("--lora.rank") for a in rest) else ["--lora.rank", "16"]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

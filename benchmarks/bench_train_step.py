@@ -79,12 +79,9 @@ def measure(trainer, masking, layout: str, steps: int, warmup: int,
     return out
 
 
-def main(argv: list[str]) -> None:
-    if "--lora" in argv:  # LoRA against full fine-tuning: its own script, same options
-        import bench_lora
-
-        sys.exit(bench_lora.main([a for a in argv if a != "--lora"]))
-    steps, warmup = 20, 3
+def step_args(argv: list[str], steps: int, warmup: int) -> tuple[int, int, list[str]]:
+    """``--steps N`` and ``--warmup N`` taken out of ``argv`` (defaults as given); the rest are trainer
+    options.  Shared with ``bench_lora.py``."""
     rest = []
     it = iter(argv)
     for a in it:
@@ -94,6 +91,15 @@ def main(argv: list[str]) -> None:
             warmup = int(next(it))
         else:
             rest.append(a)
+    return steps, warmup, rest
+
+
+def main(argv: list[str]) -> None:
+    if "--lora" in argv:  # LoRA against full fine-tuning: its own script, same options
+        import bench_lora
+
+        sys.exit(bench_lora.main([a for a in argv if a != "--lora"]))
+    steps, warmup, rest = step_args(argv, 20, 3)
     with tempfile.TemporaryDirectory() as tmp:
         quiet = ["--metrics.progress", "false", "--metrics.tensorboard", "false", "--metrics.jsonl", "false"]
         cfg = load_config(["--checkpoint.output_dir", tmp, "--checkpoint.resume", "never", *quiet, *rest])
