@@ -169,3 +169,20 @@ def test_source_cites_only_existing_docs():
                 if rel not in PENDING and not (REPO / rel).is_file():
                     found.append(f"{path.relative_to(REPO)}:{n}: {rel} does not exist")
     assert not found, "\n".join(found)
+
+
+def test_no_merge_conflict_markers():
+    """No tracked text file carries a leftover merge conflict (`<<<<<<<` / `>>>>>>>` lines)."""
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "grep", "-nE", "^(<<<<<<< |>>>>>>> )", "--", "."],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    if out.returncode == 128:  # not a git checkout (sdist): check the docs at least
+        hits = [f"{p}:{n}" for p in doc_files()
+                for n, line in enumerate(p.read_text().splitlines(), 1)
+                if line.startswith(("<<<<<<< ", ">>>>>>> "))]
+    else:
+        hits = out.stdout.splitlines()
+    assert not hits, "merge conflict markers:\n" + "\n".join(hits)
