@@ -84,9 +84,22 @@ def child(argv: list[str], steps: int, warmup: int, out: Path) -> None:
             trainer.close()
 
 
-def main(argv: list[str]) -> int:
-    from bench_train_step import step_args  # same directory; imported here, not at module load
+def step_args(argv: list[str], steps: int, warmup: int) -> tuple[int, int, list[str]]:
+    """``--steps N`` and ``--warmup N`` taken out of ``argv`` (defaults as given); the rest are trainer
+    options."""
+    rest = []
+    it = iter(argv)
+    for a in it:
+        if a == "--steps":
+            steps = int(next(it))
+        elif a == "--warmup":
+            warmup = int(next(it))
+        else:
+            rest.append(a)
+    return steps, warmup, rest
 
+
+def main(argv: list[str]) -> int:
     steps, warmup, rest = step_args(argv, 8, 2)
     rank = [] if any(a.startswith("--lora.rank") for a in rest) else ["--lora.rank", "16"]
     results = {}

@@ -1,150 +1,346 @@
-"""Where the time of a training step goes, for the tiny default under DeepSpeed (one rank).
+"""What a diffusion training step costs against plain autoregressive SFT of the same model on the same batch.
 
-    python benchmarks/bench_train_step.py                       # tiny default, 20 measured steps
-    python benchmarks/bench_train_step.py --steps 50 --train.micro_batch_size 4 --data.max_length 256
-    deepspeed benchmarks/bench_train_step.py --deepspeed ds_configs/zero2.json
-    python benchmarks/bench_train_step.py --lora                # LoRA vs full fine-tuning (bench_lora.py)
+    python benchmarks/bench_train_step.py                                   # tiny + 27 M Llama body, L = 512
+    python benchmarks/bench_train_step.py --configs llama27m --reps 7
+    python benchmarks/bench_train_step.py --configs llada100m,dream100m,llada2_100m --batch 1 --length 256
 
-Any trainer option (``--section.key value``) is accepted.  Each micro-batch is timed in four parts,
-with a device synchronisation between them so asynchronous GPU work is charged to the right part:
-loader (memmap read + padding, CPU), host-to-device copy, mask sampling + input building
-(``make_training_batch``), forward + backward + optimizer (``engine``).  Printed side by side:
-the share of each part in the step, the loader's rate against the step's rate (how far data loading
-is from stalling the step), and model-input tokens/s; then the same for the uniform-masking
-baseline (w = 1), the full layout, and the block layout with the LM head on all 2L positions
-(without ``logits_to_keep``), measured in the same process on the batches that follow (medians over
-many micro-batches, so batch lengths average out).
+For each model configuration (random weights; ``tiny`` = the trainer's default, ``llama27m`` = the same
+Llama body at hidden 512 x 8 layers, ``*100m`` = the family fixture configs under
+``../shared/reference_models`` scaled up to ~100 M parameters) one synthetic batch is built: B rows of
+L tokens, prompts of different lengths so that ``--response`` of the tokens are response (supervised),
+30 % of them info-dense.  Then, interleaved (variant after variant, ``--reps`` rounds, medians), one
+optimizer step (forward, backward, AdamW) each of:
+
+* ``default``: the trainer's step (block layout, complementary soft masking, both views sharing one
+  x_0, prompt-only noisy blocks left out, LM head on the masked tokens only; attention as
+  ``objective.attn_backend=auto`` picks it: dense SDPA on CPU, flex on a GPU);
+* the default with each cut off in turn (on a GPU also flex), the default with the block-sparse CPU
+  SDPA (``attn_backend=sparse``), and the reference with all cuts off;
+* ``AR SFT``: plain autoregressive SFT: a causal mask, logits at every position, next-token
+  cross-entropy on the response tokens (prompt labels ignored), as ``model(..., labels=)`` does.
+
+Printed: s/step, response tokens/s, peak memory of forward + backward above what the model and
+optimizer hold before it (the optimizer step's own peak, the same for every variant, is left out;
+CPU: the process's peak RSS, reset before each step through /proc/self/clear_refs, with glibc told
+to return large blocks to the OS; GPU: torch.cuda.max_memory_allocated), each as a ratio to AR SFT;
+and the FLOP floor of the method for that batch (every noisy token of a block some row can mask,
+each view once, the clean half up to the last such block, the LM head on the masked tokens,
+attention scores only where the layout allows) against the AR floor.  The machine may be shared:
+the interleaving spreads its load evenly over the variants; on a loaded CPU ``--threads 1`` avoids
+two threads waiting for each other at every op.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import json
+import os
+import re
 import statistics
 import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+FIXTURES = REPO.parent / "shared" / "reference_models"
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:  # large blocks straight from/to the OS: RSS = use
+    os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from trainer.config_io import load_config  # noqa: E402
-from trainer.modeling import call_model  # noqa: E402
+from trainer.attention import BLOCK_SPARSE_SDPA  # noqa: E402
+from trainer.masking import MaskingConfig  # noqa: E402
+from trainer.modeling import call_model, family_of  # noqa: E402
 from trainer.objective import make_training_batch  # noqa: E402
 
+SCALE_100M = {  # the fixture configs scaled up to ~100 M parameters (their 4k vocabulary kept)
+    "llada": {"d_model": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 12, "mlp_hidden_size": 2048},
+    "dream": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+              "num_key_value_heads": 6, "intermediate_size": 2048, "max_window_layers": 12},
+    "llada2": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "num_key_value_heads": 6, "head_dim": 64, "rotary_dim": 32, "intermediate_size": 2048,
+               "moe_intermediate_size": 256, "num_experts": 8, "max_window_layers": 12},
+}
+CUTS = {"packing": ("rows", "shared x_0 off (one row per view)"),
+        "skip_blocks": (False, "prompt-block skip off"),
+        "masked_head": (False, "masked-only head off")}
 
-def sync(device: torch.device) -> None:
+
+@dataclass
+class Model:
+    name: str
+    model: torch.nn.Module
+    mask_token_id: int
+    layout: str
+
+
+def build(name: str, device: torch.device, fixtures: Path) -> Model:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if name in ("tiny", "llama27m"):
+        from transformers import AutoTokenizer
+
+        from preprocess.assets import TOKENIZER_DIR
+        from trainer.modeling import build_tiny_model
+
+        tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        size = {} if name == "tiny" else {"hidden_size": 512, "num_layers": 8, "num_heads": 8}
+        return Model(name, build_tiny_model(tok, **size).to(device), int(tok.mask_token_id), "block")
+    family = name.removesuffix("100m").removesuffix("_")
+    from trainer.modeling import family_in
+
+    fam = family_in(fixtures / family)  # imports (registers) our implementation
+    cfg = AutoConfig.from_pretrained(fixtures / family)
+    for key, value in SCALE_100M[family].items():
+        setattr(cfg, key, value)
+    model = AutoModelForCausalLM.from_config(cfg).to(device)
+    mask_id = getattr(cfg, "mask_token_id", None)
+    return Model(name, model, int(mask_id if mask_id is not None else cfg.vocab_size - 1), fam.layouts[0])
+
+
+def make_batch(b: int, length: int, response: float, vocab: int, device: torch.device) -> dict:
+    """B rows whose prompts span 0.6x..1.4x the mean prompt length, ``response`` of tokens supervised."""
+    g = torch.Generator().manual_seed(0)
+    mean_prompt = (1 - response) * length
+    spread = torch.linspace(0.6, 1.4, b) if b > 1 else torch.ones(1)
+    starts = (spread * mean_prompt).round().long().clamp(1, length - 1)
+    ids = torch.randint(3, vocab, (b, length), generator=g)
+    sup = torch.arange(length)[None] >= starts[:, None]
+    dense = sup & (torch.rand(b, length, generator=g) < 0.3)
+    return {k: v.to(device) for k, v in {"input_ids": ids, "supervised": sup, "dense": dense}.items()}
+
+
+def set_attention(model: torch.nn.Module, impl: str) -> None:
+    model.config._attn_implementation = impl
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and cfg is not model.config and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = impl
+
+
+def diffusion_step(m: Model, batch: dict, opts: dict, seed: int) -> torch.Tensor:
+    backend = opts["attn_backend"]
+    set_attention(m.model, {"sparse": BLOCK_SPARSE_SDPA, "flex": "flex_attention"}.get(backend, "sdpa"))
+    g = torch.Generator(batch["input_ids"].device).manual_seed(seed)
+    tb = make_training_batch(batch, MaskingConfig(), m.mask_token_id, g, layout=m.layout,
+                             attn_backend=backend, packing=opts["packing"], skip_blocks=opts["skip_blocks"],
+                             masked_head=opts["masked_head"])
+    logits = call_model(m.model, **tb.model_inputs, keep=tb.keep)
+    loss = tb.loss(logits).loss
+    loss.backward()
+    return loss
+
+
+def ar_step(m: Model, batch: dict) -> torch.Tensor:
+    set_attention(m.model, "sdpa")
+    ids, sup = batch["input_ids"], batch["supervised"]
+    b, length = ids.shape
+    causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()[None, None]
+    labels = torch.where(sup, ids, -100)[:, 1:]  # logit i predicts token i + 1; prompt ignored
+    pos = torch.arange(length, device=ids.device)[None].expand(b, length)
+    logits = m.model(input_ids=ids, attention_mask=causal, position_ids=pos).logits  # [B, L, V]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    loss.backward()
+    return loss
+
+
+class PeakMemory:
+    """Peak bytes above the start of the block: CUDA allocator stats, or the process's RSS high-water mark."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @staticmethod
+    def _status(key: str) -> int:
+        return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            self.base = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self.peak = self._status("VmHWM") - self.base
+
+
+def active_linear_params(model: torch.nn.Module) -> int:
+    """Weights a token multiplies through in the body (MoE: experts scaled by top-k / number of experts)."""
+    head = model.get_output_embeddings()
+    cfg = model.config
+    total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod is not head:
+            n = mod.weight.numel()
+            if ".experts." in name:
+                n = n * cfg.num_experts_per_tok / cfg.num_experts
+            total += n
+    return int(total)
+
+
+def flop_floor(m: Model, batch: dict, block: int) -> tuple[float, float]:
+    """(method, AR) FLOPs of forward + backward (3x forward) for the batch at their floors."""
+    cfg = m.model.config
+    p_lin = active_linear_params(m.model)
+    hidden = m.model.get_input_embeddings().weight.shape[1]
+    vocab = m.model.get_input_embeddings().weight.shape[0]
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layers
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    d_attn = heads * head_dim
+
+    def cost(tokens: float, head_tokens: float, pairs: float) -> float:
+        return 3 * (2 * p_lin * tokens + 2 * hidden * vocab * head_tokens + 4 * d_attn * layers * pairs)
+
+    sup = batch["supervised"].cpu()
+    b, length = sup.shape
+    nb = -(-length // block)
+    method = ar = 0.0
+    for r in range(b):
+        live = [k for k in range(nb) if sup[r, k * block:(k + 1) * block].any()]
+        n_sup = int(sup[r].sum())
+        if m.layout == "block":
+            last = max(live) if live else 0
+            tokens = 2 * block * len(live) + block * last  # both views' live blocks, clean blocks < last
+            pairs = 2 * sum(block * (block * k + block) for k in live) + sum(block * block * (j + 1)
+                                                                           for j in range(last))
+        else:  # 'full': both views, all-to-all
+            tokens, pairs = 2 * length, 2 * length * length
+        method += cost(tokens, n_sup, pairs)
+        ar += cost(length, n_sup, length * (length + 1) / 2)
+    return method, ar
+
+
+def variants(layout: str, device: torch.device) -> dict[str, dict | None]:
+    """The default step as the trainer runs it on ``device`` (attention 'auto': dense SDPA on CPU, flex
+    on CUDA), each cut off in turn, the block-sparse CPU path as an option, and AR SFT."""
+    attn = "flex" if device.type == "cuda" else "sdpa"
+    default = {"packing": "shared", "skip_blocks": True, "masked_head": True, "attn_backend": attn}
+    out: dict[str, dict | None] = {"default": default}
+    for key, (off, label) in CUTS.items():
+        if layout == "full" and key in ("packing", "skip_blocks"):
+            continue  # no clean half: nothing to share, every token is attended
+        out[label] = {**default, key: off}
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(trainer, masking, layout: str, steps: int, warmup: int,
-            keep_noisy: bool = True) -> dict[str, float]:
-    """Median milliseconds per micro-batch of each part, plus tokens/s over the measured steps.
-
-    ``keep_noisy``: the trainer's LM head on the noisy half only (block layout); False = all 2L logits.
-    """
-    parts: dict[str, list[float]] = {"loader": [], "to_device": [], "mask": [], "fwd_bwd_step": []}
-    tokens = 0
-    total = 0.0
-    dev = trainer.device
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        batch = next(trainer.loader)
-        t1 = time.perf_counter()
-        d = {k: batch[k].to(dev, non_blocking=True) for k in ("input_ids", "supervised", "dense")}
-        sync(dev)
-        t2 = time.perf_counter()
-        tb = make_training_batch(d, masking, trainer.bundle.mask_token_id, trainer.generator, layout=layout,
-                                 attn_backend=trainer.attn_backend)
-        keep = slice(0, d["input_ids"].shape[1]) if keep_noisy and layout == "block" else None
-        sync(dev)
-        t3 = time.perf_counter()
-        logits = call_model(trainer.engine, **tb.model_inputs, keep=keep)
-        loss = tb.loss(logits, trainer.cfg.objective.weighting).loss
-        trainer.engine.backward(loss)
-        trainer.engine.step()
-        sync(dev)
-        t4 = time.perf_counter()
-        if i >= warmup:
-            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                parts[k].append(v * 1e3)
-            tokens += tb.model_inputs["input_ids"].numel()
-            total += t4 - t0
-    out = {k: statistics.median(v) for k, v in parts.items()}
-    out["step"] = sum(out[k] for k in parts)
-    out["tokens_per_s"] = tokens / total
+        out["flex off (dense SDPA)"] = {**default, "attn_backend": "sdpa"}
+    else:
+        out["+ block-sparse SDPA (sparse)"] = {**default, "attn_backend": "sparse"}
+    out["reference (all cuts off)"] = {**default, **{k: off for k, (off, _) in CUTS.items()},
+                                       "attn_backend": "sdpa"}
+    out["AR SFT"] = None
     return out
 
 
-def step_args(argv: list[str], steps: int, warmup: int) -> tuple[int, int, list[str]]:
-    """``--steps N`` and ``--warmup N`` taken out of ``argv`` (defaults as given); the rest are trainer
-    options.  Shared with ``bench_lora.py``."""
-    rest = []
-    it = iter(argv)
-    for a in it:
-        if a == "--steps":
-            steps = int(next(it))
-        elif a == "--warmup":
-            warmup = int(next(it))
-        else:
-            rest.append(a)
-    return steps, warmup, rest
+def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    opt = torch.optim.AdamW(m.model.parameters(), lr=1e-5)
+    for p in m.model.parameters():  # allocate the optimizer state now, not inside the first measured step
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    runs = variants(m.layout, device)
+    if not args.reference:
+        runs.pop("reference (all cuts off)")
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    peaks: dict[str, list[float]] = {k: [] for k in runs}
+    losses: dict[str, float] = {}
+    for rep in range(args.warmup + args.reps):
+        for name, opts in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with PeakMemory(device) as mem:  # forward + backward (the optimizer's peak is the same for all)
+                loss = (ar_step(m, batch) if opts is None
+                        else diffusion_step(m, batch, opts, rep))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            print(f"  [{m.name} round {rep}{' warmup' if rep < args.warmup else ''}] {name}: {dt:.2f} s, "
+                  f"{mem.peak / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+            if rep >= args.warmup:
+                times[name].append(dt)
+                peaks[name].append(mem.peak)
+                losses[name] = float(loss.detach())
+    n_resp = int(batch["supervised"].sum())
+    out = {}
+    for name in runs:
+        t, p = statistics.median(times[name]), statistics.median(peaks[name])
+        out[name] = {"s_per_step": t, "response_tokens_per_s": n_resp / t, "peak_mib": p / 2**20}
+    ar = out["AR SFT"]
+    for r in out.values():
+        r["time_vs_ar"] = r["s_per_step"] / ar["s_per_step"]
+        r["mem_vs_ar"] = r["peak_mib"] / max(ar["peak_mib"], 1e-9)
+    return out
 
 
-def main(argv: list[str]) -> None:
-    if "--lora" in argv:  # LoRA against full fine-tuning: its own script, same options
-        import bench_lora
-
-        sys.exit(bench_lora.main([a for a in argv if a != "--lora"]))
-    steps, warmup, rest = step_args(argv, 20, 3)
-    with tempfile.TemporaryDirectory() as tmp:
-        quiet = ["--metrics.progress", "false", "--metrics.tensorboard", "false", "--metrics.jsonl", "false"]
-        cfg = load_config(["--checkpoint.output_dir", tmp, "--checkpoint.resume", "never", *quiet, *rest])
-        import torch.distributed as dist
-
-        from launch.train import prepare_default_data
-        from trainer.components import init_distributed
-        from trainer.loop import Trainer
-
-        init_distributed()
-        prepare_default_data(cfg, dist.get_rank())
-        trainer = Trainer(cfg)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="tiny,llama27m",
+                    help="comma list of tiny, llama27m, llada100m, dream100m, llada2_100m")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--response", type=float, default=0.54, help="fraction of tokens that are response")
+    ap.add_argument("--reps", type=int, default=5, help="measured rounds (medians)")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
+    ap.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="leave out the all-cuts-off variant (saves time)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--fixtures", type=Path, default=FIXTURES)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    block = MaskingConfig().block_size
+    results = {}
+    for name in args.configs.split(","):
         try:
-            trainer.engine.train()
-            variants = {
-                f"{cfg.masking.mode} w={cfg.masking.weight}, {cfg.objective.layout}": (cfg.masking,
-                                                                                      cfg.objective.layout),
-                f"uniform (w=1), {cfg.objective.layout}": (dataclasses.replace(cfg.masking, mode="uniform"),
-                                                           cfg.objective.layout),
-                f"{cfg.masking.mode} w={cfg.masking.weight}, full": (cfg.masking, "full"),
-            }
-            results = {name: measure(trainer, m, layout, steps, warmup)
-                       for name, (m, layout) in variants.items()}
-            if cfg.objective.layout == "block":  # the LM head on all 2L positions (before logits_to_keep)
-                results["same, LM head on all 2L"] = measure(trainer, cfg.masking, "block", steps, warmup,
-                                                             keep_noisy=False)
-        finally:
-            trainer.close()
-    if trainer.rank != 0:
-        return
-    print(f"\ndevice {trainer.device}, {torch.get_num_threads()} threads, ZeRO-{trainer.zero_stage}, "
-          f"micro-batch {cfg.train.micro_batch_size}, max_length {cfg.data.max_length}, "
-          f"median of {steps} micro-batches\n")
-    head = (f"{'variant':<28}{'loader ms':>10}{'h2d ms':>8}{'mask ms':>9}{'fwd/bwd/opt ms':>16}"
-            f"{'mask %':>8}{'loader %':>10}{'loader/step rate':>18}{'tokens/s':>10}")
-    print(head)
-    for name, r in results.items():
-        print(f"{name:<28}{r['loader']:>10.2f}{r['to_device']:>8.2f}{r['mask']:>9.2f}{r['fwd_bwd_step']:>16.1f}"
-              f"{100 * r['mask'] / r['step']:>8.2f}{100 * r['loader'] / r['step']:>10.2f}"
-              f"{r['step'] / max(r['loader'], 1e-9):>17.0f}x{r['tokens_per_s']:>10.0f}")
-    print("\nloader/step rate: how many micro-batches the loader can build in the time of one step.")
-    setup = {"micro_batch_size": cfg.train.micro_batch_size, "max_length": cfg.data.max_length,
-             "device": str(trainer.device), "threads": torch.get_num_threads()}
-    print(json.dumps({"config": setup, "results": results}, indent=1))
+            m = build(name, device, args.fixtures)
+        except (ImportError, OSError, ValueError) as e:
+            print(f"\n== {name}: skipped ({type(e).__name__}: {e})")
+            continue
+        m.model.train()
+        n_params = sum(p.numel() for p in m.model.parameters())
+        vocab = m.model.get_input_embeddings().weight.shape[0]
+        batch = make_batch(args.batch, args.length, args.response, vocab, device)
+        n_resp = int(batch["supervised"].sum())
+        res = measure(m, batch, args, device)
+        method, ar = flop_floor(m, batch, block)
+        family = family_of(m.model).model_type
+        print(f"\n== {name} ({family}, layout {m.layout}): {n_params / 1e6:.1f} M parameters, "
+              f"B={args.batch}, L={args.length}, block {block}, "
+              f"{100 * n_resp / batch['supervised'].numel():.1f} % response tokens, {device}, "
+              f"{torch.get_num_threads()} threads, median of {args.reps} interleaved steps")
+        print(f"{'variant':<36}{'s/step':>9}{'resp tok/s':>12}{'peak MiB':>10}{'time/AR':>9}{'mem/AR':>8}")
+        for vname, r in res.items():
+            print(f"{vname:<36}{r['s_per_step']:>9.3f}{r['response_tokens_per_s']:>12.0f}{r['peak_mib']:>10.0f}"
+                  f"{r['time_vs_ar']:>8.2f}x{r['mem_vs_ar']:>7.2f}x")
+        print(f"FLOP floor (fwd+bwd): method {method / 1e9:.1f} GFLOP, AR {ar / 1e9:.1f} GFLOP "
+              f"= {method / ar:.2f}x AR; default step at {method / res['default']['s_per_step'] / 1e9:.1f} "
+              f"GFLOP/s of floor work, AR at {ar / res['AR SFT']['s_per_step'] / 1e9:.1f}")
+        results[name] = {"params": n_params, "family": family, "layout": m.layout, "batch": args.batch,
+                         "length": args.length, "response_tokens": n_resp, "device": str(device),
+                         "threads": torch.get_num_threads(), "flop_floor": method, "ar_flop_floor": ar,
+                         "variants": res}
+        del m
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -114,19 +114,24 @@ def _training_batch(seed: int = 0, b: int = 2, length: int = 64):
 
 @pytest.mark.parametrize("weighting", ["masked_mean", "elbo"])
 def test_keep_noisy_half_gives_the_same_loss_and_grads(weighting):
-    """logits_to_keep=slice(0, L): only [B, L, V] logits, same loss and gradients as the full [B, 2L, V]."""
+    """logits_to_keep: all T columns, the noisy segments (a slice) or the masked tokens (a bool [R, T],
+    -> [N, V]) give the same loss and gradients."""
     model = load_model("tiny", seed=0).model
     tb = _training_batch()
-    length = tb.targets.shape[1]
+    width = tb.model_inputs["input_ids"].shape[1]
+    noisy = tb.row.views * tb.row.noisy_width
     results = []
-    for keep in (None, slice(0, length)):
+    for keep in (None, slice(0, noisy), tb.picked):
         model.zero_grad()
         logits = call_model(model, **tb.model_inputs, keep=keep)
-        assert logits.shape[1] == (2 * length if keep is None else length)
+        expected = {type(None): (width,), slice: (noisy,), torch.Tensor: ()}[type(keep)]
+        assert logits.shape[1:-1] == expected and (keep is not tb.picked or len(logits) == tb.picked.sum())
         loss = tb.loss(logits, weighting).loss
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (l_full, g_full), (l_keep, g_keep) = results
-    torch.testing.assert_close(l_keep, l_full, rtol=1e-5, atol=1e-6)
-    for a, b in zip(g_keep, g_full):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert tb.keep is tb.picked  # the default is the masked-only head
+    l_full, g_full = results[0]
+    for l_keep, g_keep in (results[1], results[2]):
+        torch.testing.assert_close(l_keep, l_full, rtol=1e-5, atol=1e-6)
+        for a, b in zip(g_keep, g_full):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -191,7 +191,11 @@ def _data(b: int = 2, length: int = 64) -> dict:
 def test_training_batch_stacks_complementary_views() -> None:
     data = _data()
     tb = make_training_batch(data, MaskingConfig(block_size=16), MASK_ID, torch.Generator().manual_seed(0))
-    assert tb.targets.shape == (4, 64) and tb.model_inputs["input_ids"].shape == (4, 128)
+    # default: both views of a sample in one row sharing x_0, [x_t(M) ; x_t(S - M) ; x_0]
+    assert tb.targets.shape == (4, 64) and tb.model_inputs["input_ids"].shape == (2, 192)
+    rows = make_training_batch(data, MaskingConfig(block_size=16), MASK_ID, torch.Generator().manual_seed(0),
+                               packing="rows")
+    assert rows.model_inputs["input_ids"].shape == (4, 128) and torch.equal(rows.mask, tb.mask)
     m1, m2 = tb.mask[:2], tb.mask[2:]
     assert not (m1 & m2).any() and torch.equal(m1 | m2, data["supervised"])
     assert torch.allclose(tb.t[2:], 1 - tb.t[:2])
@@ -219,7 +223,7 @@ def test_rate_stats_track_targets_statistically() -> None:
     stats = tb.rate_stats()
     assert stats["mask_rate"].item() == pytest.approx(stats["target_rate"].item(), abs=0.01)
     assert (stats["mask_rate_dense"] / stats["mask_rate_other"]).item() == pytest.approx(2.0, rel=0.08)
-    out = tb.loss(torch.zeros(2 * b, 2 * length, VOCAB))
+    out = tb.loss(torch.zeros(int(tb.picked.sum()), VOCAB))
     assert out.realised_rate.item() == 0.5  # both views together mask every supervised token once
 
 

@@ -127,6 +127,12 @@ def test_attn_backend_selection():
     with pytest.raises(ValueError, match="objective.attn_backend"):
         resolve_attn_backend("eager", cpu)
     assert attn_implementation_for("flex", None) == "flex_attention"
+    assert resolve_attn_backend("sparse", cpu) == "sparse"
+    with pytest.raises(ValueError, match="sparse is the CPU block-sparse SDPA"):
+        resolve_attn_backend("sparse", cuda)
+    assert attn_implementation_for("sparse", None) == "sdpa_block_sparse"
+    with pytest.raises(ValueError, match="contradicts objective.attn_backend = sparse"):
+        attn_implementation_for("sparse", "eager")
     assert attn_implementation_for("sdpa", None) is None
     assert attn_implementation_for("sdpa", "eager") == "eager"
     with pytest.raises(ValueError, match="model.attn_implementation: 'sdpa' contradicts"):
@@ -138,6 +144,11 @@ def test_attn_backend_selection():
     assert load_config([]).objective.attn_backend == "auto"
     with pytest.raises(ValueError, match="objective.attn_backend"):
         load_config(["--objective.attn_backend", "xformers"])
+    with pytest.raises(ValueError, match="objective.packing"):
+        load_config(["--objective.packing", "triple"])
+    cfg = load_config(["--objective.packing", "rows", "--objective.masked_head", "false"])
+    assert (cfg.objective.packing, cfg.objective.skip_prompt_blocks, cfg.objective.masked_head) == (
+        "rows", True, False)
 
 
 def test_flex_backend_gives_the_sdpa_loss():
@@ -163,7 +174,7 @@ def test_flex_backend_gives_the_sdpa_loss():
             tb = make_training_batch({"input_ids": ids, "supervised": sup, "dense": dense},
                                      MaskingConfig(block_size=16), 1, g, attn_backend=backend)
             with torch.no_grad():
-                logits = call_model(model.eval(), **tb.model_inputs, keep=slice(0, 64))
+                logits = call_model(model.eval(), **tb.model_inputs, keep=tb.keep)
             out.append(tb.loss(logits).loss)
         losses[backend] = torch.stack(out)
     torch.testing.assert_close(losses["flex"], losses["sdpa"], rtol=1e-4, atol=1e-5)

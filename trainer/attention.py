@@ -24,7 +24,10 @@ so they cannot drift apart; ``tests/test_attention.py`` checks them equal elemen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -119,3 +122,172 @@ def full_block_mask(seq_len: int, device: torch.device | str | None = None, *, t
         return q_idx >= 0
 
     return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, BLOCK_SIZE=tile)
+
+
+# --- Block-sparse SDPA (CPU): each query tile gets only the keys it may see -------------------------
+
+BLOCK_SPARSE_SDPA = "sdpa_block_sparse"
+"""The ``attn_implementation`` name of :func:`block_sparse_sdpa` (registered with transformers below)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    q: slice
+    """Query columns of the chunk."""
+    keys: tuple[slice, ...]
+    """Key column ranges it reads (every other key is masked out for all its queries)."""
+    keys_index: Tensor | None
+    """The same ranges as an index (only when a mask has to be applied to a partial tile)."""
+    need_mask: bool
+    """Whether some (query, key) inside the ranges is masked out (else SDPA runs with no mask)."""
+
+
+def sparse_plan(mask: Tensor, tile: int) -> list[_Chunk]:
+    """Split a [B|1, H|1, Q, K] bool mask into query chunks with the key ranges each may see.
+
+    Query and key tiles of ``tile`` columns: a key tile is read by a query tile when any (row, head,
+    query, key) in it is True; consecutive query tiles with the same key tiles form one chunk.  A chunk
+    needs its sub-mask only when some element inside its tiles is False (in the block-diffusion layouts
+    with ``tile`` = the block size, none does, so SDPA runs unmasked on its fused kernel).
+    """
+    q_len, k_len = mask.shape[-2:]
+    nq, nk = -(-q_len // tile), -(-k_len // tile)
+    m = mask.reshape(-1, q_len, k_len)
+    pad = (0, nk * tile - k_len, 0, nq * tile - q_len)
+    any_t = F.pad(m.any(0), pad).view(nq, tile, nk, tile).any(dim=(1, 3))  # [nq, nk]
+    # Padding counts as allowed for the all-test (it is sliced away), as not visited for the any-test.
+    all_t = F.pad(m.all(0), pad, value=True).view(nq, tile, nk, tile).all(dim=(1, 3))
+    any_rows, all_rows = any_t.tolist(), all_t.tolist()
+    chunks: list[_Chunk] = []
+    start = 0
+    for i in range(1, nq + 1):
+        if i < nq and any_rows[i] == any_rows[start] and all_rows[i] == all_rows[start]:
+            continue
+        cols = [j for j, a in enumerate(any_rows[start]) if a]
+        ranges: list[slice] = []
+        for j in cols:
+            lo, hi = j * tile, min((j + 1) * tile, k_len)
+            if ranges and ranges[-1].stop == lo:
+                ranges[-1] = slice(ranges[-1].start, hi)
+            else:
+                ranges.append(slice(lo, hi))
+        need = any(not all_rows[start][j] for j in cols)
+        index = (torch.cat([torch.arange(r.start, r.stop, device=mask.device) for r in ranges])
+                 if need and ranges else None)
+        chunks.append(_Chunk(slice(start * tile, min(i * tile, q_len)), tuple(ranges), index, need))
+        start = i
+    return chunks
+
+
+_PLANS: dict[tuple, tuple[Tensor, list[_Chunk]]] = {}
+
+
+def _cached_plan(mask: Tensor, tile: int) -> list[_Chunk]:
+    """``sparse_plan`` once per mask object (every layer of a forward passes the same one).  The entry
+    holds the mask, so its id cannot be reused by another tensor while cached."""
+    key = (id(mask), tuple(mask.shape), tile)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    plan = sparse_plan(mask, tile)
+    if len(_PLANS) >= 4:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = (mask, plan)
+    return plan
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """Attention over a ``sparse_plan``: the fused CPU flash kernel per chunk, forward and backward.
+
+    A custom backward because autograd through per-chunk slices would materialise a full-size zero
+    gradient for every slice (chunks x T memory traffic); here each chunk's gradients are added
+    into one buffer per input, in place.
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, plan: list[_Chunk], mask: Tensor,
+                scale: float | None) -> Tensor:  # [B, H, Q, D] x3 -> [B, H, Q, D]
+        out = query.new_zeros(query.shape[:-1] + value.shape[-1:])
+        lse = query.new_zeros(query.shape[:-1], dtype=torch.float32)  # [B, H, Q]
+        for c in plan:
+            if not c.keys:
+                continue  # no visible key: output 0, as flex gives
+            k, v = _gather(key, c.keys), _gather(value, c.keys)
+            o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[:, :, c.q], k, v, 0.0, False, attn_mask=_sub_mask(mask, c, query.dtype), scale=scale)
+            out[:, :, c.q] = o
+            lse[:, :, c.q] = l_
+        ctx.save_for_backward(query, key, value, out, lse, mask)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: ANN205
+        query, key, value, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for c in ctx.plan:
+            if not c.keys:
+                continue
+            k, v = _gather(key, c.keys), _gather(value, c.keys)
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad[:, :, c.q].contiguous(), query[:, :, c.q], k, v, out[:, :, c.q], lse[:, :, c.q], 0.0,
+                False,
+                attn_mask=_sub_mask(mask, c, query.dtype), scale=ctx.scale)
+            dq[:, :, c.q] = gq
+            at = 0
+            for r in c.keys:
+                n = r.stop - r.start
+                dk[:, :, r] += gk[:, :, at:at + n]
+                dv[:, :, r] += gv[:, :, at:at + n]
+                at += n
+        return dq, dk, dv, None, None, None
+
+
+def _gather(x: Tensor, ranges: tuple[slice, ...]) -> Tensor:
+    return x[:, :, ranges[0]] if len(ranges) == 1 else torch.cat([x[:, :, r] for r in ranges], dim=2)
+
+
+def _sub_mask(mask: Tensor, c: _Chunk, dtype: torch.dtype) -> Tensor | None:
+    """The chunk's additive mask (0 / -inf) when some element of its tiles is masked out, else None."""
+    if not c.need_mask:
+        return None
+    sub = mask[:, :, c.q][..., c.keys_index]
+    return torch.zeros(sub.shape, dtype=dtype, device=sub.device).masked_fill_(~sub, float("-inf"))
+
+
+def block_sparse_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[Tensor, None]:
+    """transformers attention function: attention over only the key tiles each query tile may see.
+
+    query [B, H, Q, D], key/value [B, Hkv, K, D], ``attention_mask`` a 4-D bool [B|1, 1, Q, K] mask
+    (True = may attend) -> ([B, Q, H, D], None), equal to SDPA with the dense mask (tested) while the
+    masked-out tiles (three quarters of the block-diffusion scores at L = 512) are never computed.
+    The tile is ``module.config.block_sparse_tile`` when set, else 32 (the default block size).
+    CPU only (the fused CPU flash kernel); anything else (another device, dropout, no mask, a float
+    mask) goes to plain SDPA.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    if (attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+            or query.device.type != "cpu" or dropout > 0):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
+                                      is_causal=False, **kwargs)
+    tile = int(getattr(getattr(module, "config", None), "block_sparse_tile", 0) or 32)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    out = _BlockSparseAttention.apply(query, key, value, _cached_plan(attention_mask, tile), attention_mask,
+                                      scaling)
+    return out.transpose(1, 2), None  # [B, Q, H, D]
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(BLOCK_SPARSE_SDPA, block_sparse_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(BLOCK_SPARSE_SDPA, sdpa_mask)
+
+
+_register()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trainer.attention import BLOCK_SPARSE_SDPA
 from trainer.config import Config, ConfigError
 from trainer.config_io import find_deepspeed_config, resolve_deepspeed_config
 from trainer.families import family_for
@@ -105,8 +106,8 @@ def resolve_attn_backend(choice: str, device: torch.device) -> str:
     "FlexAttention does not support backward on CPU"), so training cannot use it there.  An explicit
     'flex' where it cannot train is an error naming the key, not a silent fallback.
     """
-    if choice not in ("auto", "sdpa", "flex"):
-        raise ConfigError(f"objective.attn_backend: must be auto, sdpa or flex, got {choice!r}")
+    if choice not in ("auto", "sdpa", "sparse", "flex"):
+        raise ConfigError(f"objective.attn_backend: must be auto, sdpa, sparse or flex, got {choice!r}")
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
 
@@ -116,6 +117,8 @@ def resolve_attn_backend(choice: str, device: torch.device) -> str:
     if choice == "flex" and not has_flex:
         raise ConfigError(f"objective.attn_backend: flex requested but torch {torch.__version__} has no "
                           f"torch.nn.attention.flex_attention; use sdpa")
+    if choice == "sparse" and device.type != "cpu":
+        raise ConfigError("objective.attn_backend: sparse is the CPU block-sparse SDPA; on a GPU use flex")
     if choice == "flex" and device.type == "cpu":
         raise ConfigError("objective.attn_backend: flex cannot train on CPU (flex attention has no CPU "
                           "backward); use sdpa or auto")
@@ -135,6 +138,11 @@ def attn_implementation_for(backend: str, requested: str | None) -> str | None:
             raise ConfigError(f"model.attn_implementation: {requested!r} contradicts objective.attn_backend "
                               f"= flex (which needs 'flex_attention'); drop one of them")
         return "flex_attention"
+    if backend == "sparse":
+        if requested not in (None, BLOCK_SPARSE_SDPA):
+            raise ConfigError(f"model.attn_implementation: {requested!r} contradicts objective.attn_backend "
+                              f"= sparse (which needs {BLOCK_SPARSE_SDPA!r}); drop one of them")
+        return BLOCK_SPARSE_SDPA
     if requested == "flex_attention":
         raise ConfigError("model.attn_implementation: 'flex_attention' needs objective.attn_backend = flex "
                           "(the sdpa backend passes a dense bool mask)")

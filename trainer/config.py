@@ -107,17 +107,29 @@ class ObjectiveConfig:
     """'masked_mean': CE summed over masked tokens / their count (dFactory); 'elbo': each token
     weighted by 1/t of its block (the ELBO weight of the LLaDA2 report)."""
     attn_backend: str = "auto"
-    """How the layout's attention mask reaches the model: 'sdpa' (a dense bool [2L, 2L] mask), 'flex'
-    (a flex-attention BlockMask that skips the masked-out tiles; the model is loaded with
-    attn_implementation="flex_attention"; GPU only: flex has no CPU backward), or 'auto': flex on
-    CUDA when torch has it, sdpa elsewhere."""
+    """How the layout's attention mask reaches the model: 'sdpa' (a dense bool [T, T] mask), 'sparse'
+    (the same mask, read by a chunked SDPA that gives each query block only the keys it may see; CPU;
+    the model is loaded with attn_implementation="sdpa_block_sparse"), 'flex' (a flex-attention
+    BlockMask that skips the masked-out tiles; attn_implementation="flex_attention"; GPU only: flex
+    has no CPU backward), or 'auto': flex on CUDA when torch has it, sdpa elsewhere."""
+    packing: str = "shared"
+    """Block layout with complementary masking: 'shared' = one row per sample, [x_t(M) ; x_t(S minus M)
+    ; x_0], the clean half computed once for both views (exact: it never attends to noisy tokens);
+    'rows' = one [x_t ; x_0] row per view (2B rows, the reference form)."""
+    skip_prompt_blocks: bool = True
+    """Block layout: leave out the noisy blocks with no maskable token (prompt) in every row of the
+    micro-batch (on flex: per row, through the BlockMask); the loss is unchanged."""
+    masked_head: bool = True
+    """Run the LM head on the masked tokens only (the loss reads nothing else)."""
 
     def __post_init__(self) -> None:
         _check(self.layout in ("block", "full"), "objective.layout", "must be block or full", self.layout)
         _check(self.weighting in ("masked_mean", "elbo"), "objective.weighting",
                "must be masked_mean or elbo", self.weighting)
-        _check(self.attn_backend in ("auto", "sdpa", "flex"), "objective.attn_backend",
-               "must be auto, sdpa or flex", self.attn_backend)
+        _check(self.attn_backend in ("auto", "sdpa", "sparse", "flex"), "objective.attn_backend",
+               "must be auto, sdpa, sparse or flex", self.attn_backend)
+        _check(self.packing in ("shared", "rows"), "objective.packing", "must be shared or rows",
+               self.packing)
 
 
 @dataclass(kw_only=True, slots=True)

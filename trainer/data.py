@@ -16,8 +16,9 @@ longest sample rounded up to a block (or to max_length with ``pad_to=max_length`
 flagged supervised and not info-dense, so it is maskable and trained, as LLaDA and dFactory do: the
 model learns to end an answer by filling the rest of the block with EOS.
 
-Cost: a micro-batch is a few memmap slices and one numpy copy, far below a training step (measured
-by ``benchmarks/bench_train_step.py``), so batches are built synchronously in the training process.
+Cost: a micro-batch is a few memmap slices and one numpy copy, far below a training step (every
+metrics record has ``data_s`` next to ``step_s``), so batches are built synchronously in the training
+process.
 """
 
 from __future__ import annotations

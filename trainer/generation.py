@@ -50,6 +50,7 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from trainer.families import LAYOUTS
+from trainer.layout import block_causal_mask
 from trainer.masking import BLOCK_SIZE
 from trainer.modeling import call_model, family_of
 
@@ -198,18 +199,6 @@ def _layout(prompts: Sequence[Sequence[int]], gen_length: int, block: int, mask_
     pos = (torch.arange(total)[None, :] - torch.as_tensor(offsets)[:, None]).clamp_min(0)
     return _Canvas(x.to(device), valid.to(device), pos.to(device),
                    [o + len(p) for o, p in zip(offsets, prompts)], first, total // block)
-
-
-def block_causal_mask(valid: torch.Tensor, block: int) -> torch.Tensor:
-    """[b, T] validity -> [b, 1, T, T] bool: query block >= key block, key not padding.
-
-    Padding queries attend to themselves only, so no softmax row is empty (SDPA would give NaN).
-    """
-    t = valid.shape[1]
-    blk = torch.arange(t, device=valid.device) // block
-    allowed = (blk[:, None] >= blk[None, :])[None] & valid[:, None, :]
-    allowed |= torch.eye(t, dtype=torch.bool, device=valid.device)[None]
-    return allowed[:, None]
 
 
 def full_canvas_mask(valid: torch.Tensor) -> torch.Tensor:

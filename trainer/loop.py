@@ -4,10 +4,10 @@ One optimizer step (``train_step``) on every rank, for each of ``grad_accum`` mi
 
     batch  = next(loader)                                   # [B, L] ids / supervised / dense (CPU)
     tb     = make_training_batch(batch, masking, mask_id,   # masks drawn on the device, in the step:
-                                 generator, layout)         #   [2B, 2L] inputs with complementary views
-    logits = call_model(engine, **tb.model_inputs,          # [2B, L, V]: the LM head runs on the
-                        keep=slice(0, L))                   #   noisy half only (logits_to_keep)
-    loss   = tb.loss(logits, weighting)                     # CE on masked tokens of the noisy half
+                                 generator, layout, ...)    #   [B, <= 3L] rows [x_t(M); x_t(S-M); x_0]
+    logits = call_model(engine, **tb.model_inputs,          # [N, V]: the LM head runs on the N
+                        keep=tb.keep)                       #   masked tokens only (logits_to_keep)
+    loss   = tb.loss(logits, weighting)                     # CE on those masked tokens
     engine.backward(loss); engine.step()                    # DeepSpeed scales by 1/grad_accum and
                                                             # steps optimizer + LR at the boundary
 
@@ -181,12 +181,13 @@ class Trainer:
             dev = {k: batch[k].to(self.device, non_blocking=True)
                    for k in ("input_ids", "supervised", "dense")}
             t1 = time.perf_counter()
+            o = cfg.objective
             tb = make_training_batch(dev, cfg.masking, self.bundle.mask_token_id, self.generator,
-                                     layout=cfg.objective.layout, attn_backend=self.attn_backend)
+                                     layout=o.layout, attn_backend=self.attn_backend, packing=o.packing,
+                                     skip_blocks=o.skip_prompt_blocks, masked_head=o.masked_head)
             st.mask_s += time.perf_counter() - t1
-            # The loss reads the noisy half only: skip the LM head on the clean half (block layout).
-            keep = slice(0, dev["input_ids"].shape[1]) if cfg.objective.layout == "block" else None
-            logits = call_model(self.engine, **tb.model_inputs, keep=keep)
+            # The LM head runs on the positions the loss reads only (tb.keep: masked or noisy).
+            logits = call_model(self.engine, **tb.model_inputs, keep=tb.keep)
             out = tb.loss(logits, cfg.objective.weighting)
             self.engine.backward(out.loss)
             self.engine.step()

@@ -141,19 +141,38 @@ def mark_z3_leaf_modules(model: torch.nn.Module) -> list[type]:
 
 
 def call_model(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor,
-               keep: slice | None = None, cache: Cache | None = None) -> torch.Tensor:
-    """Forward pass -> logits [B, n, V] aligned so that logit i predicts token i, for every family.
+               keep: slice | torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
+    """Forward pass -> logits aligned so that logit i predicts token i, for every family.
 
-    ``keep``: the positions whose logits are needed (the block layout's loss reads only the noisy
-    half, ``slice(0, L)`` of ``2L``), passed on as ``logits_to_keep`` so the LM head runs on those
-    positions only; None = all.  For a shifted family (Dream: raw logit j predicts token j + 1) the
-    logit for token i is the raw logit i - 1 (token 0 keeps its own, as Dream's generation does), so
-    the head runs on positions ``[start - 1, stop - 1)`` (``[0, stop - 1)`` plus position 0 again
-    when ``start`` is 0).  ``cache``: a transformers ``Cache`` the model reads and extends (block
-    decoding); the positions and the mask then cover the new tokens only (queries) and the cached plus
-    new ones (keys).
+    ``keep``: the positions whose logits are needed, passed on as ``logits_to_keep`` so the LM head runs
+    on those positions only; None = all (-> [B, L, V]).  A contiguous slice (the block layout's noisy
+    half, ``slice(0, L)`` of ``2L``) -> [B, n, V]; a [B, L] bool tensor (the masked tokens the loss
+    reads) -> [N, V] for its True entries in row-major order.  For a shifted family (Dream: raw logit
+    j predicts token j + 1) the logit for token i is the raw logit i - 1 (token 0 keeps its own, as
+    Dream's generation does), so the head runs on those predecessors instead.  ``cache``: a
+    transformers ``Cache`` the model reads and extends (block decoding); the positions and the mask
+    then cover the new tokens only (queries) and the cached plus new ones (keys).
     """
     shift = family_of(model).logit_shift
+    cache_kw = {"cache": cache, "use_cache": True} if cache is not None else {}
+    if isinstance(keep, torch.Tensor):
+        if keep.dtype != torch.bool or keep.shape != input_ids.shape:
+            raise ValueError(f"call_model: a tensor keep must be bool {tuple(input_ids.shape)}, got "
+                             f"{keep.dtype} {tuple(keep.shape)}")
+        raw = keep
+        if shift:  # the head runs on the predecessors: raw j for token j + 1, raw 0 for token 0 too
+            raw = torch.zeros_like(keep)
+            raw[:, :-1] = keep[:, 1:]
+            raw[:, 0] |= keep[:, 0]
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    logits_to_keep=raw, **cache_kw)
+        if not shift:
+            return out.logits  # [N, V]
+        b, length = keep.shape
+        rank = raw.flatten().cumsum(0) - 1  # row of each raw kept position in out.logits
+        src = (torch.arange(length, device=keep.device) - 1).clamp_min(0)
+        flat_src = torch.arange(b, device=keep.device)[:, None] * length + src[None, :]  # [B, L]
+        return out.logits[rank[flat_src[keep]]]  # [N, V]
     length = input_ids.shape[1]
     keep = slice(None) if keep is None else keep
     if keep.step not in (None, 1):
@@ -162,7 +181,7 @@ def call_model(model: torch.nn.Module, *, input_ids: torch.Tensor, attention_mas
     lo = max(start - shift, 0)
     raw_keep = 0 if (lo, stop) == (0, length) else slice(lo, stop)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=raw_keep, **({"cache": cache, "use_cache": True} if cache is not None else {}))
+                logits_to_keep=raw_keep, **cache_kw)
     logits = out.logits  # [B, stop - lo, V]
     if not shift:
         return logits

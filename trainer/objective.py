@@ -1,15 +1,20 @@
 """The masked-diffusion training objective: noisy inputs, attention layout, loss and its split metrics.
 
-One training step in these terms (``make_training_batch`` then the model then ``diffusion_loss``):
+One training step in these terms (``make_training_batch``, ``call_model(..., keep=tb.keep)``,
+``tb.loss``):
 
 1. ``trainer.masking.sample_masks`` draws the priority mask M (and its complement S \\ M).
-2. With complementary masking on, the batch is doubled: rows [0, B) carry M at rates sigma, rows
-   [B, 2B) carry S \\ M at rates 1 - sigma, as the paper (and LLaDA2 §5.1) put both views in one batch.
-3. ``build_model_inputs`` replaces masked tokens by the mask token (x_t) and lays the input out:
-   'block' = [x_t ; x_0] with positions 0..L-1 twice and the block-diffusion mask; 'full' = x_t alone
-   with all-to-all attention.
-4. ``diffusion_loss``: cross-entropy at masked positions of the noisy half; logits at position i
-   predict token i (no shift).  Two weightings:
+2. With complementary masking on, both views are in one micro-batch, as the paper (and LLaDA2 §5.1)
+   prescribe: M at rates sigma, S \\ M at rates 1 - sigma.  The per-view fields of ``TrainingBatch``
+   are stacked [view 1 ; view 2] (2B rows).
+3. Masked tokens are replaced by the mask token (x_t) and each row laid out by a
+   ``trainer.layout.RowLayout`` (ids, positions and the mask all derive from it): 'block' =
+   [x_t(M) ; x_t(S \\ M) ; x_0] per sample (``packing='shared'``, the default: the clean half is the
+   same for both views) or [x_t ; x_0] per view (``packing='rows'``, ``build_model_inputs``, the
+   reference), noisy blocks no row can mask left out (``skip_blocks``); 'full' = x_t alone with
+   all-to-all attention.
+4. The loss: cross-entropy at the masked positions (the LM head runs on those only with
+   ``masked_head``); logits at position i predict token i (no shift).  Two weightings:
 
    * ``masked_mean`` (default, dFactory's released code): sum of CE over masked tokens / number of
      masked tokens in the micro-batch.  Unweighted, so every masked token counts the same whatever
@@ -40,63 +45,63 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.attention import (
-    bidirectional_mask,
-    block_diffusion_block_mask,
-    block_diffusion_mask,
-    full_block_mask,
-)
+from trainer.layout import RowLayout, kept_blocks
 from trainer.masking import BLOCK_SIZE, MaskingConfig, MaskSample, per_token_rate, sample_masks
 
 Layout = Literal["block", "full"]
-AttnBackend = Literal["sdpa", "flex"]
+AttnBackend = Literal["sdpa", "sparse", "flex"]
+Packing = Literal["shared", "rows"]
 Weighting = Literal["masked_mean", "elbo"]
+ATTN_BACKENDS = ("sdpa", "sparse", "flex")
+PACKINGS = ("shared", "rows")
 
 
 def build_model_inputs(input_ids: Tensor, mask: Tensor, mask_token_id: int, layout: Layout = "block",
                        block_size: int = BLOCK_SIZE, attn_backend: AttnBackend = "sdpa") -> dict:
-    """Model keyword arguments for one noisy batch.
+    """Model keyword arguments for one noisy batch in the one-view-per-row form (the reference layout).
 
-    Returns ``input_ids`` [B, L] ('full') or [B, 2L] ('block'), ``position_ids`` of the same shape, and
-    ``attention_mask``: a bool [1, 1, Q, K] tensor shared by the batch (True = may attend) for 'sdpa',
-    or a flex ``BlockMask`` broadcast over batch and heads for 'flex'.
+    Returns ``input_ids`` [B, L] ('full') or [B, 2L] ('block': [x_t ; x_0]), ``position_ids`` of the
+    same shape, and ``attention_mask``: a bool [1, 1, Q, K] tensor shared by the batch (True = may
+    attend) for 'sdpa'/'sparse', or a flex ``BlockMask`` broadcast over batch and heads for 'flex'.
     """
     if input_ids.shape != mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and mask {tuple(mask.shape)} "
                          "must both be [B, L]")
+    _check_choices(layout, attn_backend, "rows")
+    row = RowLayout(input_ids.shape[1], block_size, views=1, clean=layout == "block")
+    x_t = torch.where(mask.bool(), torch.full_like(input_ids, mask_token_id), input_ids)
+    return layout_inputs(row, row.pack([x_t], input_ids if row.clean else None), attn_backend)
+
+
+def _check_choices(layout: str, attn_backend: str, packing: str) -> None:
     if layout not in ("block", "full"):
         raise ValueError(f"layout: {layout!r} is not 'block' or 'full'")
-    if attn_backend not in ("sdpa", "flex"):
-        raise ValueError(f"attn_backend: {attn_backend!r} is not 'sdpa' or 'flex'")
-    b, length = input_ids.shape
-    device = input_ids.device
-    x_t = torch.where(mask.bool(), torch.full_like(input_ids, mask_token_id), input_ids)
-    positions = torch.arange(length, device=device)
-    if layout == "block":
-        ids = torch.cat([x_t, input_ids], dim=1)  # [B, 2L]: noisy half, then clean half
-        position_ids = positions.repeat(2)[None].expand(b, 2 * length)
+    if attn_backend not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend: {attn_backend!r} is not one of {ATTN_BACKENDS}")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing: {packing!r} is not one of {PACKINGS}")
+
+
+def layout_inputs(row: RowLayout, ids: Tensor, attn_backend: AttnBackend, live: Tensor | None = None) -> dict:
+    """``input_ids`` [R, T] laid out by ``row`` -> the model's keyword arguments (positions and mask from
+    ``row``).  ``live`` [R, T]: per-row query columns for flex (the others' tiles are skipped)."""
+    r, width = ids.shape
+    if width != row.width:
+        raise ValueError(f"layout_inputs: ids have {width} columns, the layout {row.width}")
+    position_ids = row.positions(ids.device)[None].expand(r, width)
+    if attn_backend != "flex":
+        attn = row.dense_mask(ids.device)[None, None]  # [1, 1, T, T], shared (read-only)
+    elif live is None:
+        attn = _flex_mask(row, ids.device)
     else:
-        ids = x_t
-        position_ids = positions[None].expand(b, length)
-    attn = layout_attention_mask(layout, length, block_size, attn_backend, device)
+        attn = row.block_mask(ids.device, live)
     return {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids}
 
 
 @lru_cache(maxsize=8)
-def layout_attention_mask(layout: Layout, length: int, block_size: int, attn_backend: AttnBackend,
-                          device: torch.device):
-    """The attention mask of a layout, built once per (layout, L, block, backend, device), then shared.
-
-    Building the dense [2L, 2L] mask costs ~17 M comparisons at L = 2048 (``create_block_mask`` more),
-    which would otherwise be paid every step.  The result is shared: treat it as read-only.
-    """
-    if layout == "block":
-        if attn_backend == "sdpa":
-            return block_diffusion_mask(length, block_size, device)[None, None]  # [1, 1, 2L, 2L]
-        return block_diffusion_block_mask(length, block_size, None, None, device)
-    if attn_backend == "sdpa":
-        return bidirectional_mask(None, length, device=device)  # [1, 1, L, L] expanded view
-    return full_block_mask(length, device)
+def _flex_mask(row: RowLayout, device: torch.device):
+    """The broadcast flex ``BlockMask`` of a layout, built once per layout and device (read-only)."""
+    return row.block_mask(device)
 
 
 @dataclass(slots=True)
@@ -148,50 +153,69 @@ def diffusion_loss(logits: Tensor, targets: Tensor, mask: Tensor, dense: Tensor,
     for name, x in others.items():
         if x is not None and x.shape != targets.shape:
             raise ValueError(f"{name}: shape {tuple(x.shape)} != targets {tuple(targets.shape)}")
+    if weighting == "elbo" and t_per_token is None:
+        raise ValueError("weighting='elbo' needs t_per_token (the block rate of every token)")
     mask = mask.bool()
     if supervised is None:
         supervised = mask
     mask = mask & supervised.bool()
     noisy = logits[:, :length]  # logits at position i predict token i (no shift)
-    ce = F.cross_entropy(noisy[mask].float(), targets[mask], reduction="none")  # [n_masked]
-    is_dense = dense.bool()[mask]
+    return masked_loss(noisy[mask], targets[mask], dense.bool()[mask],
+                       None if t_per_token is None else t_per_token[mask], supervised.bool().sum(), weighting)
+
+
+def masked_loss(logits: Tensor, targets: Tensor, dense: Tensor, t: Tensor | None, n_supervised: Tensor,
+                weighting: Weighting = "masked_mean") -> LossOutput:
+    """The loss from the masked tokens alone: logits [N, V], targets/dense/t [N] (one entry per masked
+    token, in any order), ``n_supervised`` the number of supervised tokens (the 'elbo' normaliser)."""
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
     if weighting == "elbo":
-        if t_per_token is None:
+        if t is None:
             raise ValueError("weighting='elbo' needs t_per_token (the block rate of every token)")
         # A token is masked only if its block rate is > 0, so the clamp never bites on sampler output;
         # it replaces a data-dependent check that would force a device sync every step.
-        t = t_per_token[mask].float().clamp_min(1e-6)
-        weighted_sum = (ce / t).sum()
-        normalizer = supervised.sum()
-    else:
+        weighted_sum = (ce / t.float().clamp_min(1e-6)).sum()
+        normalizer = n_supervised
+    elif weighting == "masked_mean":
         weighted_sum = ce.sum()
-        normalizer = mask.sum()
+        normalizer = torch.as_tensor(ce.numel(), device=ce.device)
+    else:
+        raise ValueError(f"weighting: {weighting!r} is not 'masked_mean' or 'elbo'")
     normalizer = normalizer.clamp_min(1).to(weighted_sum.dtype)
     ce_d = ce.detach()
-    n_dense = is_dense.sum()
-    n_masked = mask.sum()
-    ce_dense_sum = (ce_d * is_dense).sum()  # multiply, not index: no extra device sync
+    n_dense = dense.sum()
+    n_masked = torch.as_tensor(ce.numel(), device=ce.device)
+    ce_dense_sum = (ce_d * dense).sum()  # multiply, not index: no extra device sync
     return LossOutput(
         loss=weighted_sum / normalizer,
         ce_dense_sum=ce_dense_sum, ce_other_sum=ce_d.sum() - ce_dense_sum,
         n_dense=n_dense, n_other=n_masked - n_dense, n_masked=n_masked,
-        n_supervised=supervised.bool().sum(), weighted_sum=weighted_sum, normalizer=normalizer,
+        n_supervised=n_supervised, weighted_sum=weighted_sum, normalizer=normalizer,
     )
 
 
 @dataclass(slots=True)
 class TrainingBatch:
-    """Everything a step needs: model kwargs plus what ``diffusion_loss`` compares against.
+    """Everything a step needs: model kwargs, the positions whose logits the loss reads, and the targets.
 
-    Rows are doubled (2B) when complementary masking is on: [priority view ; complementary view].
+    The per-view fields (``targets`` ... ``t``) are [R, L] with R = 2B when complementary masking is on
+    ([priority view ; complementary view]), whatever the packing; ``row`` says how the views are laid
+    out in the model's rows (one row per view, or both views of a sample in one row, shared x_0).
     """
 
     model_inputs: dict
     """input_ids, attention_mask, position_ids for ``model(**model_inputs)``."""
+    row: RowLayout
+    """The layout of every model row."""
+    keep: slice | Tensor
+    """``call_model(..., keep=)``: a [rows, T] bool of the masked columns (masked-only LM head, logits
+    come back [N, V]), or the slice of the noisy segments (logits [rows, n, V])."""
+    picked: Tensor
+    """[rows, T] bool: the columns the loss reads (masked, supervised noisy tokens)."""
     targets: Tensor
     """[R, L] clean token ids."""
     mask: Tensor
-    """[R, L] bool, masked positions of each row."""
+    """[R, L] bool, masked positions of each view."""
     dense: Tensor
     """[R, L] bool, info-dense flags (for the loss split)."""
     supervised: Tensor
@@ -201,9 +225,21 @@ class TrainingBatch:
     sample: MaskSample
     """The underlying draw (sigma, probabilities) of the first view, for logging."""
 
+    def columns(self, x: Tensor) -> Tensor:
+        """A per-view [R, L] field -> [rows, T] in the model's column layout (clean columns: 0)."""
+        rows = x.shape[0] // self.row.views
+        views = list(x.split(rows))
+        return self.row.pack(views, torch.zeros_like(views[0]) if self.row.clean else None)
+
     def loss(self, logits: Tensor, weighting: Weighting = "masked_mean") -> LossOutput:
-        """``diffusion_loss`` of this batch for the model's logits."""
-        return diffusion_loss(logits, self.targets, self.mask, self.dense, self.t, weighting, self.supervised)
+        """The diffusion loss for the logits ``call_model`` returned with ``keep``: [N, V] at the picked
+        columns (bool keep) or [rows, n, V] for the first n columns (slice keep)."""
+        flat = logits if logits.dim() == 2 else logits[self.picked[:, :logits.shape[1]]]
+        if flat.shape[0] != int(self.picked.sum()):
+            raise ValueError(f"TrainingBatch.loss: {flat.shape[0]} logit rows for {int(self.picked.sum())} "
+                             f"masked tokens; call the model with keep=batch.keep")
+        targets, dense, t = (self.columns(x)[self.picked] for x in (self.targets, self.dense, self.t))
+        return masked_loss(flat, targets, dense, t, self.supervised.sum(), weighting)
 
     def priority_view_counts(self) -> dict[str, Tensor]:
         """Token counts of the priority view (rows [0, B)) as 0-d tensors (no sync), to be summed over
@@ -240,25 +276,55 @@ class TrainingBatch:
 
 def make_training_batch(batch: dict, cfg: MaskingConfig, mask_token_id: int,
                         generator: torch.Generator | None = None, *, layout: Layout = "block",
-                        attn_backend: AttnBackend = "sdpa") -> TrainingBatch:
+                        attn_backend: AttnBackend = "sdpa", packing: Packing = "shared",
+                        skip_blocks: bool = True, masked_head: bool = True) -> TrainingBatch:
     """Mask a data batch (``input_ids``, ``supervised``, ``dense``: [B, L]) and build the model inputs.
 
-    With ``cfg.complementary`` the two views are stacked along the batch dim (2B rows) so both are in
-    the same micro-batch and share one forward/backward, as the paper prescribes.
+    With ``cfg.complementary`` both views are in the same micro-batch and share one forward/backward,
+    as the paper prescribes: with ``packing='shared'`` (block layout) one row per sample,
+    [x_t(M) ; x_t(S minus M) ; x_0], else one row per view (2B rows).  ``skip_blocks``: leave out the
+    noisy blocks no row can mask (on flex, per row through the BlockMask instead, so the shape and
+    the compiled kernel stay fixed).  ``masked_head``: ``keep`` asks for the masked columns' logits
+    only; else for every noisy column.
     """
     for key in ("input_ids", "supervised", "dense"):
         if key not in batch:
             raise KeyError(f"make_training_batch: batch lacks {key!r} (has {sorted(batch)})")
+    _check_choices(layout, attn_backend, packing)
     ids = batch["input_ids"]
     sup = batch["supervised"].bool()
     dense = batch["dense"].bool()
+    b, length = ids.shape
     sample = sample_masks(sup, dense, cfg, generator)
-    t = per_token_rate(sample.sigma, ids.shape[1], cfg.block_size)
-    mask = sample.mask
-    if sample.complement is not None:
-        ids, sup, dense = (torch.cat([x, x]) for x in (ids, sup, dense))
-        mask = torch.cat([sample.mask, sample.complement])
+    t = per_token_rate(sample.sigma, length, cfg.block_size)
+    masks = [sample.mask] if sample.complement is None else [sample.mask, sample.complement]
+    n_views = len(masks)
+    block = layout == "block"
+    shared = block and n_views == 2 and packing == "shared"
+    kept = kept_blocks(sup, cfg.block_size) if block and skip_blocks and attn_backend != "flex" else None
+    row = RowLayout(length, cfg.block_size, views=2 if shared else 1, kept=kept, clean=block)
+    x_ts = [torch.where(m, torch.full_like(ids, mask_token_id), ids) for m in masks]
+    if shared:
+        row_ids = row.pack(x_ts, ids)
+    else:
+        row_ids = row.pack([torch.cat(x_ts)], torch.cat([ids] * n_views) if block else None)
+    mask = torch.cat(masks)
+    if n_views == 2:
+        sup2, dense2 = torch.cat([sup, sup]), torch.cat([dense, dense])
         t = torch.cat([t, 1 - t])
-    inputs = build_model_inputs(ids, mask, mask_token_id, layout, cfg.block_size, attn_backend)
-    return TrainingBatch(model_inputs=inputs, targets=ids, mask=mask, dense=dense, supervised=sup, t=t,
-                         sample=sample)
+    else:
+        sup2, dense2 = sup, dense
+    tb = TrainingBatch(model_inputs={}, row=row, keep=slice(0), picked=mask,
+                       targets=torch.cat([ids] * n_views), mask=mask, dense=dense2, supervised=sup2, t=t,
+                       sample=sample)
+    tb.picked = tb.columns(mask & sup2)
+    tb.keep = tb.picked if masked_head else slice(0, row.views * row.noisy_width)
+    live = None
+    if block and skip_blocks and attn_backend == "flex":  # per row: noisy blocks with a maskable token
+        n_blocks = -(-length // cfg.block_size)
+        pad = n_blocks * cfg.block_size - length
+        has = F.pad(sup2, (0, pad)).view(-1, n_blocks, cfg.block_size).any(2)  # [R, n_blocks]
+        tok = has.repeat_interleave(cfg.block_size, dim=1)[:, :length]  # [R, L]
+        live = tb.columns(tok) | (torch.arange(row.width, device=ids.device) >= row.views * row.noisy_width)
+    tb.model_inputs = layout_inputs(row, row_ids, attn_backend, live)
+    return tb

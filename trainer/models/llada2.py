@@ -33,8 +33,10 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
+
+from trainer.attention import BLOCK_SPARSE_SDPA
 
 
 class LLaDA2MoeConfig(PreTrainedConfig):
@@ -371,7 +373,7 @@ def _attention_mask(mask, batch: int, q_len: int, k_len: int, dtype: torch.dtype
         mask = mask.bool()[:, None, None, :].expand(batch, 1, q_len, k_len)
     elif mask.dim() != 4:
         raise ValueError(f"attention_mask must be 2-D or 4-D, got {mask.dim()}-D")
-    if backend == "sdpa" or mask.dtype != torch.bool:
+    if backend in ("sdpa", BLOCK_SPARSE_SDPA) or mask.dtype != torch.bool:
         return mask if mask.dtype == torch.bool else mask.to(dtype)
     additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
     return additive.masked_fill_(~mask, torch.finfo(dtype).min)
@@ -450,13 +452,12 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
                 position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | slice | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
-        """``logits_to_keep``: int n = last n positions (0 = all), a slice, or a 1-D bool/long index."""
+        """``logits_to_keep``: int n = last n positions (0 = all), a slice, a 1-D bool/long index, or a
+        [B, L] bool mask (-> logits [N, V] for its True entries, the masked-only LM head of training)."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        hidden = out.last_hidden_state  # [B, L, H]
-        if isinstance(logits_to_keep, int):
-            logits_to_keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(hidden[:, logits_to_keep]).float()  # [B, kept, V]
+        hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)  # [B, kept, H] or [N, H]
+        logits = self.lm_head(hidden).float()
         return CausalLMOutputWithPast(logits=logits, cache=out.cache)
 
 

@@ -1,0 +1,188 @@
+"""The optimised training step equals the reference one (one [x_t ; x_0] row per view, every noisy block,
+LM head on every noisy column, dense SDPA): loss and gradients, for every masking mode and layout.
+
+Also: the row layout's masks agree with each other (dense, flex, decoding), and the block-sparse SDPA
+equals dense SDPA, forward and backward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.attention import BLOCK_SPARSE_SDPA, block_diffusion_mask, block_mask_to_dense, block_sparse_sdpa
+from trainer.layout import RowLayout, block_causal_mask, kept_blocks
+from trainer.masking import MaskingConfig
+from trainer.modeling import call_model
+from trainer.objective import make_training_batch
+from trainer.tiny_model import TinyDLLMForMaskedDiffusion, tiny_config
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "reference_models"
+VOCAB, MASK_ID, EOS_ID, BLOCK = 512, 1, 2, 8
+REFERENCE = {"packing": "rows", "skip_blocks": False, "masked_head": False, "attn_backend": "sdpa"}
+DEFAULT = {"packing": "shared", "skip_blocks": True, "masked_head": True, "attn_backend": "sparse"}
+
+
+def _batch(b: int = 3, length: int = 64) -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (b, length), generator=g)
+    sup = torch.zeros(b, length, dtype=torch.bool)
+    for i, start in enumerate((21, 35, 17)[:b]):  # prompts: blocks 0-1 are prompt in every row
+        sup[i, start:] = True
+    ids[:, 56:] = EOS_ID
+    return {"input_ids": ids, "supervised": sup, "dense": torch.rand(b, length, generator=g) < 0.3}
+
+
+def _model(impl: str) -> TinyDLLMForMaskedDiffusion:
+    torch.manual_seed(0)
+    cfg = tiny_config(VOCAB, MASK_ID, EOS_ID, hidden_size=64, num_layers=2, num_heads=2, max_positions=128,
+                      attn_implementation=impl)
+    return TinyDLLMForMaskedDiffusion(cfg)
+
+
+def _step(masking: MaskingConfig, layout: str, opts: dict) -> tuple[dict, list[torch.Tensor]]:
+    model = _model(BLOCK_SPARSE_SDPA if opts["attn_backend"] == "sparse" else "sdpa")
+    tb = make_training_batch(_batch(), masking, MASK_ID, torch.Generator().manual_seed(1), layout=layout,
+                             **opts)
+    logits = call_model(model, **tb.model_inputs, keep=tb.keep)
+    elbo = tb.loss(logits, "elbo")
+    elbo.loss.backward()
+    mean = tb.loss(logits.detach(), "masked_mean")
+    values = {"elbo": elbo.loss.detach(), "masked_mean": mean.loss, "n_masked": elbo.n_masked,
+              "n_dense": elbo.n_dense, "ce_dense": elbo.ce_dense_sum, "ce_other": elbo.ce_other_sum,
+              "n_supervised": elbo.n_supervised, "width": tb.model_inputs["input_ids"].shape[1]}
+    return values, [p.grad.clone() for p in model.parameters()]
+
+
+def _variants(layout: str) -> list[dict]:
+    """The default step and the default with each cut off in turn."""
+    if layout == "full":  # no clean half, nothing to share or skip
+        return [{**DEFAULT, "packing": "rows", "skip_blocks": False},
+                {**DEFAULT, "packing": "rows", "skip_blocks": False, "masked_head": False}]
+    return [DEFAULT] + [{**DEFAULT, key: REFERENCE[key]} for key in DEFAULT]
+
+
+@pytest.mark.parametrize("mode,complementary,layout", [
+    ("soft", True, "block"), ("hard", True, "block"), ("odds", True, "block"), ("uniform", True, "block"),
+    ("soft", False, "block"), ("soft", True, "full"),
+])
+def test_optimised_step_equals_the_reference(mode: str, complementary: bool, layout: str) -> None:
+    masking = MaskingConfig(mode=mode, complementary=complementary, block_size=BLOCK)
+    ref, ref_grads = _step(masking, layout, REFERENCE)
+    assert ref["n_masked"] > 0
+    for opts in _variants(layout):
+        got, grads = _step(masking, layout, opts)
+        for key in ("n_masked", "n_dense", "n_supervised"):
+            assert got[key] == ref[key], (opts, key)
+        for key in ("elbo", "masked_mean", "ce_dense", "ce_other"):
+            torch.testing.assert_close(got[key], ref[key], rtol=2e-6, atol=1e-5, msg=f"{opts} {key}")
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=f"{opts} gradient")
+    if layout == "block":
+        shared_skip, _ = _step(masking, layout, DEFAULT)
+        # [x_t(M) ; x_t(S - M) ; x_0] with blocks 0-1 (prompt in every row) left out: 2 x 48 + 64 columns
+        assert shared_skip["width"] == (2 * 48 + 64 if complementary else 48 + 64)
+
+
+def test_kept_blocks_are_those_some_row_can_mask() -> None:
+    sup = _batch()["supervised"]
+    assert kept_blocks(sup, BLOCK) == tuple(range(2, 8))
+    sup[1, 3] = True  # one maskable token in block 0 of one row keeps block 0 for the micro-batch
+    assert kept_blocks(sup, BLOCK) == (0,) + tuple(range(2, 8))
+    assert kept_blocks(torch.zeros(2, 10, dtype=torch.bool), 4) == ()
+
+
+def test_layout_masks_agree() -> None:
+    length = 24
+    one = RowLayout(length, 4)
+    assert torch.equal(one.dense_mask(), block_diffusion_mask(length, 4))
+    shared = RowLayout(length, 4, views=2, kept=(1, 2, 4))
+    m, n = shared.dense_mask(), shared.noisy_width
+    assert n == 12 and shared.width == 2 * 12 + length
+    assert torch.equal(shared.positions()[:n], torch.tensor([4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]))
+    clean = slice(2 * n, None)
+    assert not m[clean, :2 * n].any()  # the clean half never sees a noisy token: the same for both views
+    assert not m[:n, n:2 * n].any() and not m[n:2 * n, :n].any()  # views never see each other
+    sub = RowLayout(length, 4, kept=(1, 2, 4)).dense_mask()
+    for v in range(2):
+        cols = torch.cat([torch.arange(v * n, (v + 1) * n), torch.arange(2 * n, shared.width)])
+        assert torch.equal(m[cols][:, cols], sub)  # each view is the one-view row
+    valid = torch.ones(1, length, dtype=torch.bool)
+    assert torch.equal(block_causal_mask(valid, 4)[0, 0], m[clean, clean])  # decoding = the clean half
+    live = torch.ones(2, shared.width, dtype=torch.bool)
+    live[1, :4] = False  # row 1: its first noisy block of view 0 is dead
+    bm = shared.block_mask("cpu", live, tile=16)
+    w = shared.width
+    tiles = bm.to_dense().bool().repeat_interleave(16, 2).repeat_interleave(16, 3)[..., :w, :w]
+    idx = torch.arange(shared.width)
+    for b in range(2):  # what flex computes for row b: the visited tiles, element by element
+        got = tiles[b, 0] & bm.mask_mod(torch.tensor(b), torch.tensor(0), idx[:, None], idx[None, :])
+        assert torch.equal(got, m & live[b, :, None])
+    assert torch.equal(block_mask_to_dense(shared.block_mask("cpu", tile=16))[0, 0], m)
+    full = RowLayout(length, 4, clean=False)
+    assert full.dense_mask().all() and full.width == length
+
+
+@pytest.mark.parametrize("tile,kv_heads", [(8, 4), (12, 2), (5, 1)])
+def test_block_sparse_sdpa_equals_dense(tile: int, kv_heads: int) -> None:
+    """Tiles equal to, not dividing, and smaller than the block (partial tiles take the sub-mask path);
+    grouped-query attention (fewer key/value heads)."""
+    row = RowLayout(40, 8, views=2, kept=(1, 2, 4))
+    mask = row.dense_mask()[None, None]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, row.width, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, row.width, 16, generator=g, requires_grad=True) for _ in range(2))
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups = 4 // kv_heads
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = tiny_config(VOCAB, MASK_ID, EOS_ID)
+            self.config.block_sparse_tile = tile
+
+    out, _ = block_sparse_sdpa(Attn(), q, k, v, mask, scaling=0.25)
+    grad = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    rep = 4 // kv_heads
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                         attn_mask=mask, scale=0.25).transpose(1, 2)
+    want = torch.autograd.grad((ref * grad).sum(), (q, k, v))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada2"])
+def test_families_masked_head_and_sparse_attention(family: str) -> None:
+    """Our published-family models: the block-sparse SDPA gives the sdpa logits, and a bool keep (the
+    masked-only head; for Dream the predecessors, through call_model's shift) the slice-form logits."""
+    from transformers import AutoModelForCausalLM
+
+    import trainer.models.dream  # noqa: F401 - registers the families
+    import trainer.models.llada  # noqa: F401
+    import trainer.models.llada2  # noqa: F401
+
+    path = FIXTURES / family
+    layout = "full" if family == "dream" else "block"
+    models = {impl: AutoModelForCausalLM.from_pretrained(path, attn_implementation=impl).eval()
+              for impl in ("sdpa", BLOCK_SPARSE_SDPA)}
+    vocab = models["sdpa"].config.vocab_size
+    mask_id = int(getattr(models["sdpa"].config, "mask_token_id", None) or vocab - 1)
+    data = _batch(2, 32)
+    data["input_ids"] = data["input_ids"] % (vocab - 2)
+    data["supervised"][0] = True  # token 0 maskable: Dream's token 0 keeps its own logit
+    tb = make_training_batch(data, MaskingConfig(block_size=BLOCK), mask_id, torch.Generator().manual_seed(2),
+                             layout=layout, attn_backend="sparse")
+    with torch.no_grad():
+        noisy = slice(0, tb.row.views * tb.row.noisy_width)
+        ref = call_model(models["sdpa"], **tb.model_inputs, keep=noisy)  # [R, n, V]
+        sparse = call_model(models[BLOCK_SPARSE_SDPA], **tb.model_inputs, keep=noisy)
+        masked = call_model(models["sdpa"], **tb.model_inputs, keep=tb.keep)  # [N, V]
+    torch.testing.assert_close(sparse, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(masked, ref[tb.picked[:, noisy]], rtol=1e-4, atol=1e-5)
+    if family == "dream":  # token 0 is masked in one of the two views (rows 0 and 2)
+        assert tb.picked[:, 0].any()

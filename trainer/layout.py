@@ -1,0 +1,193 @@
+"""One description of a training row, from which its ids, positions and every attention mask derive.
+
+A row holds ``views`` noisy segments and, for the block layout, the clean sequence x_0 after them:
+
+* ``views=1``: [x_t ; x_0] (the reference form; with complementary masking each view is its own row);
+* ``views=2``: [x_t(M) ; x_t(S minus M) ; x_0], both complementary views of one sample sharing one
+  clean half.  The clean half never attends to noisy tokens, so its hidden states are the same in
+  both views; computing it once instead of twice is exact (the loss and gradients are equal, see
+  ``tests/test_step_cost.py``) and saves a quarter of the tokens.
+
+Each noisy segment holds only the ``kept`` blocks: a noisy block is read by its own queries only and
+feeds the loss only through its masked tokens, so a block with no maskable token in any row of the
+micro-batch (the prompt every row shares) can be left out of the row entirely.
+
+With ``pos`` the position of a column in its sequence (0..L-1 in every segment), ``blk = pos //
+block_size`` and ``seg`` the segment (0..views-1 noisy, ``views`` clean), the attention rule is the
+per-view block-diffusion rule of ``trainer.attention``:
+
+* noisy query, noisy key: same segment and same block;
+* noisy query, clean key: clean blocks strictly before;
+* clean query, clean key: clean blocks at or before (block-causal, the KV cache of decoding);
+* clean query, noisy key: never.
+
+``clean=False`` is the 'full' layout (x_t alone, all-to-all).  ``dense_mask`` (SDPA, and the
+block-sparse chunked SDPA that reads it), ``block_mask`` (flex) and ``block_causal_mask`` (decoding with
+a KV cache, ``trainer.generation``) all evaluate :meth:`RowLayout.rule`, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class RowLayout:
+    """Segments, kept blocks and attention rule of one training row (see the module docstring)."""
+
+    length: int
+    """L: tokens per sample."""
+    block_size: int
+    views: int = 1
+    """Noisy segments per row: 1, or 2 for complementary views sharing one clean half."""
+    kept: tuple[int, ...] | None = None
+    """Noisy blocks present in each noisy segment, ascending (None: all of them)."""
+    clean: bool = True
+    """Whether x_0 follows the noisy segments (block layout); False: 'full' layout, all-to-all."""
+
+    def __post_init__(self) -> None:
+        if self.length < 1 or self.block_size < 1 or self.views < 1:
+            raise ValueError(f"RowLayout: length ({self.length}), block_size ({self.block_size}) and views "
+                             f"({self.views}) must be >= 1")
+        if not self.clean and (self.views != 1 or self.kept is not None):
+            raise ValueError("RowLayout: the 'full' layout (clean=False) has one view and keeps every block")
+        n_blocks = -(-self.length // self.block_size)
+        if self.kept is not None and (list(self.kept) != sorted(set(self.kept))
+                                      or any(not 0 <= b < n_blocks for b in self.kept)):
+            raise ValueError(f"RowLayout: kept blocks {self.kept} must be distinct, ascending, "
+                             f"in [0, {n_blocks})")
+
+    @property
+    def noisy_columns(self) -> list[int]:
+        """Token indices (0..L-1) of one noisy segment, in order."""
+        if self.kept is None:
+            return list(range(self.length))
+        bs = self.block_size
+        return [i for b in self.kept for i in range(b * bs, min((b + 1) * bs, self.length))]
+
+    @property
+    def noisy_width(self) -> int:
+        return len(self.noisy_columns)
+
+    @property
+    def width(self) -> int:
+        """Columns of the row: views x noisy width, plus L for the clean half."""
+        return self.views * self.noisy_width + (self.length if self.clean else 0)
+
+    def noisy_slice(self, view: int) -> slice:
+        """The columns of noisy segment ``view``."""
+        return slice(view * self.noisy_width, (view + 1) * self.noisy_width)
+
+    def tables(self, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+        """(seg [T], pos [T]) long: segment of each column (``views`` = clean) and its position 0..L-1."""
+        return _tables(self, torch.device(device or "cpu"))
+
+    def positions(self, device: torch.device | str | None = None) -> Tensor:
+        """[T] position ids of the row."""
+        return self.tables(device)[1]
+
+    def rule(self, q: Tensor, k: Tensor, seg: Tensor, pos: Tensor) -> Tensor:
+        """True where column ``q`` may attend column ``k`` (elementwise; ``seg``/``pos`` from ``tables``)."""
+        if not self.clean:
+            return (q >= 0) & (k >= 0)
+        sq, sk = seg[q], seg[k]
+        bq, bk = pos[q] // self.block_size, pos[k] // self.block_size
+        qn, kn = sq < self.views, sk < self.views
+        noisy_self = qn & kn & (sq == sk) & (bq == bk)
+        noisy_prefix = qn & ~kn & (bk < bq)
+        clean_causal = ~qn & ~kn & (bk <= bq)
+        return noisy_self | noisy_prefix | clean_causal
+
+    def dense_mask(self, device: torch.device | str | None = None) -> Tensor:
+        """[T, T] bool, True = may attend (add [None, None] for SDPA); cached per layout and device."""
+        return _dense_mask(self, torch.device(device or "cpu"))
+
+    def block_mask(self, device: torch.device | str | None = None, live: Tensor | None = None, *,
+                   tile: int = 128):
+        """Flex-attention ``BlockMask`` of the row.
+
+        ``live`` [B, T] bool (optional): columns whose queries are computed, per row; a noisy block with
+        no maskable token in its row is left dead, so flex skips its tiles (it feeds nothing: its keys
+        are read by its own queries only).  Without ``live`` the mask broadcasts over the batch.
+        """
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        dev = torch.device(device or "cpu")
+        seg, pos = self.tables(dev)
+        if live is None:
+            def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex passes scalar tensors
+                return self.rule(q_idx, kv_idx, seg, pos)
+            batch = None
+        else:
+            live = live.to(dev)
+
+            def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
+                return live[b, q_idx] & self.rule(q_idx, kv_idx, seg, pos)
+            batch = live.shape[0]
+        return create_block_mask(mask_mod, batch, None, self.width, self.width, device=dev, BLOCK_SIZE=tile)
+
+    def pack(self, noisy: list[Tensor], clean: Tensor | None) -> Tensor:
+        """Per-view [B, L] noisy ids (and [B, L] x_0 for the block layout) -> the row's [B, T] ids."""
+        if len(noisy) != self.views or (clean is None) == self.clean:
+            raise ValueError(f"RowLayout.pack: {len(noisy)} noisy view(s) and clean={clean is not None} for "
+                             f"a layout of {self.views} view(s), clean={self.clean}")
+        cols = None if self.kept is None else torch.as_tensor(self.noisy_columns, device=noisy[0].device)
+        parts = [x if cols is None else x[:, cols] for x in noisy]
+        return torch.cat(parts + ([clean] if self.clean else []), dim=1)
+
+    def unpack_noisy(self, x: Tensor, fill: float | int | bool = 0) -> list[Tensor]:
+        """Inverse of ``pack`` for the noisy segments: [B, T, ...] -> per view [B, L, ...] (left-out blocks
+        filled with ``fill``)."""
+        cols = torch.as_tensor(self.noisy_columns, device=x.device)
+        out = []
+        for v in range(self.views):
+            full = x.new_full((x.shape[0], self.length, *x.shape[2:]), fill)
+            full[:, cols] = x[:, self.noisy_slice(v)]
+            out.append(full)
+        return out
+
+
+def kept_blocks(supervised: Tensor, block_size: int) -> tuple[int, ...]:
+    """Blocks holding a maskable token in some row of ``supervised`` [R, L] (the others are prompt in
+    every row: no token of theirs is ever masked, so they feed no loss)."""
+    r, length = supervised.shape
+    n_blocks = -(-length // block_size)
+    padded = torch.nn.functional.pad(supervised.bool(), (0, n_blocks * block_size - length))
+    any_sup = padded.view(r, n_blocks, block_size).any(dim=(0, 2))  # [n_blocks]
+    return tuple(int(b) for b in any_sup.nonzero()[:, 0].tolist())
+
+
+def block_causal_mask(valid: Tensor, block_size: int) -> Tensor:
+    """[b, T] validity -> [b, 1, T, T] bool: the clean-half rule of :class:`RowLayout` (query block >= key
+    block) over a decoding canvas, padding keys hidden.  Padding queries attend to themselves only, so no
+    softmax row is empty (SDPA would give NaN)."""
+    t = valid.shape[1]
+    layout = RowLayout(t, block_size, views=1)
+    seg, pos = layout.tables(valid.device)
+    clean = torch.arange(t, device=valid.device) + layout.noisy_width  # the clean half's columns
+    allowed = layout.rule(clean[:, None], clean[None, :], seg, pos)[None] & valid[:, None, :]
+    allowed |= torch.eye(t, dtype=torch.bool, device=valid.device)[None]
+    return allowed[:, None]
+
+
+@lru_cache(maxsize=64)
+def _tables(layout: RowLayout, device: torch.device) -> tuple[Tensor, Tensor]:
+    noisy = torch.as_tensor(layout.noisy_columns, dtype=torch.long, device=device)
+    n = noisy.numel()
+    seg = [torch.full((n,), v, dtype=torch.long, device=device) for v in range(layout.views)]
+    pos = [noisy] * layout.views
+    if layout.clean:
+        seg.append(torch.full((layout.length,), layout.views, dtype=torch.long, device=device))
+        pos.append(torch.arange(layout.length, device=device))
+    return torch.cat(seg), torch.cat(pos)
+
+
+@lru_cache(maxsize=16)
+def _dense_mask(layout: RowLayout, device: torch.device) -> Tensor:
+    seg, pos = _tables(layout, device)
+    idx = torch.arange(layout.width, device=device)
+    return layout.rule(idx[:, None], idx[None, :], seg, pos)
