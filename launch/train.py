@@ -129,6 +129,13 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BaseException:
+        # Leave without the closing barrier: the other ranks may be waiting in a collective
+        # this rank will never join; the launcher stops them when this process exits non-zero.
+        if trainer is not None:
+            trainer.close(barrier=False)
+            trainer = None
+        raise
     finally:
         if trainer is not None:
             trainer.close()

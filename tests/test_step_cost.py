@@ -87,6 +87,22 @@ def test_optimised_step_equals_the_reference(mode: str, complementary: bool, lay
         assert shared_skip["width"] == (2 * 48 + 64 if complementary else 48 + 64)
 
 
+@pytest.mark.parametrize("layout", ["block", "full"])
+def test_a_micro_batch_without_supervised_tokens_still_runs_every_module(layout: str) -> None:
+    """Every noisy block is left out and the head keeps no position, yet the step is an exact 0 that
+    reaches every parameter: under ZeRO-3 each rank must run the same modules, forward and backward."""
+    batch = _batch()
+    batch["supervised"][:] = False
+    model = _model(BLOCK_SPARSE_SDPA)
+    tb = make_training_batch(batch, MaskingConfig(block_size=BLOCK), MASK_ID,
+                             torch.Generator().manual_seed(1), layout=layout, **DEFAULT)
+    logits = call_model(model, **tb.model_inputs, keep=tb.keep)
+    out = tb.loss(logits, "elbo")
+    assert out.loss.item() == 0.0 and out.n_masked.item() == 0
+    out.loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
 def test_kept_blocks_are_those_some_row_can_mask() -> None:
     sup = _batch()["supervised"]
     assert kept_blocks(sup, BLOCK) == tuple(range(2, 8))

@@ -135,14 +135,17 @@ class RowLayout:
         if len(noisy) != self.views or (clean is None) == self.clean:
             raise ValueError(f"RowLayout.pack: {len(noisy)} noisy view(s) and clean={clean is not None} for "
                              f"a layout of {self.views} view(s), clean={self.clean}")
-        cols = None if self.kept is None else torch.as_tensor(self.noisy_columns, device=noisy[0].device)
-        parts = [x if cols is None else x[:, cols] for x in noisy]
+        if self.kept is None:
+            parts = noisy
+        else:  # long even when no block is kept (an empty list would give a float index)
+            cols = torch.as_tensor(self.noisy_columns, dtype=torch.long, device=noisy[0].device)
+            parts = [x[:, cols] for x in noisy]
         return torch.cat(parts + ([clean] if self.clean else []), dim=1)
 
     def unpack_noisy(self, x: Tensor, fill: float | int | bool = 0) -> list[Tensor]:
         """Inverse of ``pack`` for the noisy segments: [B, T, ...] -> per view [B, L, ...] (left-out blocks
         filled with ``fill``)."""
-        cols = torch.as_tensor(self.noisy_columns, device=x.device)
+        cols = torch.as_tensor(self.noisy_columns, dtype=torch.long, device=x.device)
         out = []
         for v in range(self.views):
             full = x.new_full((x.shape[0], self.length, *x.shape[2:]), fill)

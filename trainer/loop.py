@@ -327,11 +327,13 @@ class Trainer:
         self.metrics.print(f"[train] exported HF folder {self.export_dir} "
                            f"(AutoModelForCausalLM.from_pretrained)")
 
-    def close(self) -> None:
+    def close(self, barrier: bool = True) -> None:
+        """Flush the metrics and leave the process group (after a barrier unless this rank failed)."""
         self.metrics.close()
         self.preempt.uninstall()
         if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.barrier()
+            if barrier:
+                with contextlib.suppress(Exception):
+                    dist.barrier()
             dist.destroy_process_group()
         sys.stdout.flush()
