@@ -142,9 +142,10 @@ def test_layout_masks_agree() -> None:
     assert full.dense_mask().all() and full.width == length
 
 
-@pytest.mark.parametrize("tile,kv_heads", [(8, 4), (12, 2), (5, 1)])
+@pytest.mark.parametrize("tile,kv_heads", [(8, 4), (12, 2), (5, 1), (0, 2)])
 def test_block_sparse_sdpa_equals_dense(tile: int, kv_heads: int) -> None:
-    """Tiles equal to, not dividing, and smaller than the block (partial tiles take the sub-mask path);
+    """Tiles equal to, not dividing, and smaller than the block (partial tiles take the sub-mask path), the
+    chosen tile (0: `choose_plan`);
     grouped-query attention (fewer key/value heads)."""
     row = RowLayout(40, 8, views=2, kept=(1, 2, 4))
     mask = row.dense_mask()[None, None]

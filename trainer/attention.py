@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.masking import BLOCK_SIZE
+
 
 def block_diffusion_rule(q_idx: Tensor, kv_idx: Tensor, seq_len: int, block_size: int) -> Tensor:
     """True where query ``q_idx`` may attend key ``kv_idx`` in the [x_t ; x_0] layout (elementwise)."""
@@ -136,10 +138,13 @@ class _Chunk:
     """Query columns of the chunk."""
     keys: tuple[slice, ...]
     """Key column ranges it reads (every other key is masked out for all its queries)."""
-    keys_index: Tensor | None
-    """The same ranges as an index (only when a mask has to be applied to a partial tile)."""
-    need_mask: bool
-    """Whether some (query, key) inside the ranges is masked out (else SDPA runs with no mask)."""
+    bias: Tensor | None
+    """The additive (0 / -inf, float32) mask over the chunk's queries and keys when some (query, key)
+    inside the ranges is masked out; None: SDPA runs with no mask.  Built once per plan, not per call."""
+
+    @property
+    def need_mask(self) -> bool:
+        return self.bias is not None
 
 
 def sparse_plan(mask: Tensor, tile: int) -> list[_Chunk]:
@@ -171,25 +176,55 @@ def sparse_plan(mask: Tensor, tile: int) -> list[_Chunk]:
                 ranges[-1] = slice(ranges[-1].start, hi)
             else:
                 ranges.append(slice(lo, hi))
-        need = any(not all_rows[start][j] for j in cols)
-        index = (torch.cat([torch.arange(r.start, r.stop, device=mask.device) for r in ranges])
-                 if need and ranges else None)
-        chunks.append(_Chunk(slice(start * tile, min(i * tile, q_len)), tuple(ranges), index, need))
+        q = slice(start * tile, min(i * tile, q_len))
+        bias = None
+        if ranges and any(not all_rows[start][j] for j in cols):
+            index = torch.cat([torch.arange(r.start, r.stop, device=mask.device) for r in ranges])
+            sub = mask[:, :, q][..., index]  # [B|1, H|1, q, k]
+            bias = torch.zeros(sub.shape, device=sub.device).masked_fill_(~sub, float("-inf"))
+        chunks.append(_Chunk(q, tuple(ranges), bias))
         start = i
     return chunks
+
+
+# Relative cost of one chunk's kernel call and of an additive sub-mask, in computed scores: a rough CPU
+# model (fixed work per call, the mask built and read per score) used to pick the tile.
+CALL_COST = 16_384
+MASKED_SCORE_COST = 0.5
+TILE_CHOICES = (1, 2, 3, 4)
+"""Tiles tried by :func:`choose_plan`, in units of the smallest tile (the block size)."""
+
+
+def plan_cost(plan: list[_Chunk]) -> float:
+    """Estimated cost of a plan: scores computed (masked ones dearer) plus a fixed cost per call."""
+    total = 0.0
+    for c in plan:
+        if not c.keys:
+            continue
+        scores = (c.q.stop - c.q.start) * sum(r.stop - r.start for r in c.keys)
+        total += scores * (1 + MASKED_SCORE_COST * c.need_mask) + CALL_COST
+    return total
+
+
+def choose_plan(mask: Tensor, base_tile: int) -> list[_Chunk]:
+    """The cheapest ``sparse_plan`` (by :func:`plan_cost`) over tiles of 1-4 x ``base_tile``: small tiles
+    skip the most scores but make many small calls; larger ones fewer calls over a masked superset."""
+    plans = [sparse_plan(mask, base_tile * n) for n in TILE_CHOICES]
+    return min(plans, key=plan_cost)
 
 
 _PLANS: dict[tuple, tuple[Tensor, list[_Chunk]]] = {}
 
 
-def _cached_plan(mask: Tensor, tile: int) -> list[_Chunk]:
-    """``sparse_plan`` once per mask object (every layer of a forward passes the same one).  The entry
-    holds the mask, so its id cannot be reused by another tensor while cached."""
-    key = (id(mask), tuple(mask.shape), tile)
+def _cached_plan(mask: Tensor, tile: int, fixed: bool) -> list[_Chunk]:
+    """The plan once per mask object (every layer of a forward passes the same one): ``sparse_plan`` at
+    ``tile`` when ``fixed``, else :func:`choose_plan` from it.  The entry holds the mask, so its id cannot
+    be reused by another tensor while cached."""
+    key = (id(mask), tuple(mask.shape), tile, fixed)
     hit = _PLANS.get(key)
     if hit is not None and hit[0] is mask:
         return hit[1]
-    plan = sparse_plan(mask, tile)
+    plan = sparse_plan(mask, tile) if fixed else choose_plan(mask, tile)
     if len(_PLANS) >= 4:
         _PLANS.pop(next(iter(_PLANS)))
     _PLANS[key] = (mask, plan)
@@ -205,7 +240,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, plan: list[_Chunk], mask: Tensor,
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, plan: list[_Chunk],
                 scale: float | None) -> Tensor:  # [B, H, Q, D] x3 -> [B, H, Q, D]
         out = query.new_zeros(query.shape[:-1] + value.shape[-1:])
         lse = query.new_zeros(query.shape[:-1], dtype=torch.float32)  # [B, H, Q]
@@ -214,16 +249,16 @@ class _BlockSparseAttention(torch.autograd.Function):
                 continue  # no visible key: output 0, as flex gives
             k, v = _gather(key, c.keys), _gather(value, c.keys)
             o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query[:, :, c.q], k, v, 0.0, False, attn_mask=_sub_mask(mask, c, query.dtype), scale=scale)
+                query[:, :, c.q], k, v, 0.0, False, attn_mask=_sub_mask(c, query.dtype), scale=scale)
             out[:, :, c.q] = o
             lse[:, :, c.q] = l_
-        ctx.save_for_backward(query, key, value, out, lse, mask)
+        ctx.save_for_backward(query, key, value, out, lse)
         ctx.plan, ctx.scale = plan, scale
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: ANN205
-        query, key, value, out, lse, mask = ctx.saved_tensors
+        query, key, value, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
         for c in ctx.plan:
             if not c.keys:
@@ -232,7 +267,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad[:, :, c.q].contiguous(), query[:, :, c.q], k, v, out[:, :, c.q], lse[:, :, c.q], 0.0,
                 False,
-                attn_mask=_sub_mask(mask, c, query.dtype), scale=ctx.scale)
+                attn_mask=_sub_mask(c, query.dtype), scale=ctx.scale)
             dq[:, :, c.q] = gq
             at = 0
             for r in c.keys:
@@ -240,19 +275,16 @@ class _BlockSparseAttention(torch.autograd.Function):
                 dk[:, :, r] += gk[:, :, at:at + n]
                 dv[:, :, r] += gv[:, :, at:at + n]
                 at += n
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None
 
 
 def _gather(x: Tensor, ranges: tuple[slice, ...]) -> Tensor:
     return x[:, :, ranges[0]] if len(ranges) == 1 else torch.cat([x[:, :, r] for r in ranges], dim=2)
 
 
-def _sub_mask(mask: Tensor, c: _Chunk, dtype: torch.dtype) -> Tensor | None:
-    """The chunk's additive mask (0 / -inf) when some element of its tiles is masked out, else None."""
-    if not c.need_mask:
-        return None
-    sub = mask[:, :, c.q][..., c.keys_index]
-    return torch.zeros(sub.shape, dtype=dtype, device=sub.device).masked_fill_(~sub, float("-inf"))
+def _sub_mask(c: _Chunk, dtype: torch.dtype) -> Tensor | None:
+    """The chunk's additive mask in the query's dtype, or None when nothing in its tiles is masked out."""
+    return None if c.bias is None else c.bias.to(dtype)
 
 
 def block_sparse_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -263,7 +295,8 @@ def block_sparse_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value
     query [B, H, Q, D], key/value [B, Hkv, K, D], ``attention_mask`` a 4-D bool [B|1, 1, Q, K] mask
     (True = may attend) -> ([B, Q, H, D], None), equal to SDPA with the dense mask (tested) while the
     masked-out tiles (three quarters of the block-diffusion scores at L = 512) are never computed.
-    The tile is ``module.config.block_sparse_tile`` when set, else 32 (the default block size).
+    The tile is ``module.config.block_sparse_tile`` when set, else the cheapest of 32, 64, 96 and 128
+    (:func:`choose_plan`; 32 is the default block size).
     CPU only (the fused CPU flash kernel); anything else (another device, dropout, no mask, a float
     mask) goes to plain SDPA.
     """
@@ -274,11 +307,11 @@ def block_sparse_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value
             or query.device.type != "cpu" or dropout > 0):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling,
                                       is_causal=False, **kwargs)
-    tile = int(getattr(getattr(module, "config", None), "block_sparse_tile", 0) or 32)
+    fixed = int(getattr(getattr(module, "config", None), "block_sparse_tile", 0) or 0)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    out = _BlockSparseAttention.apply(query, key, value, _cached_plan(attention_mask, tile), attention_mask,
-                                      scaling)
+    plan = _cached_plan(attention_mask, fixed or BLOCK_SIZE, bool(fixed))
+    out = _BlockSparseAttention.apply(query, key, value, plan, scaling)
     return out.transpose(1, 2), None  # [B, Q, H, D]
 
 
