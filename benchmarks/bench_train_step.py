@@ -19,8 +19,9 @@ optimizer step (forward, backward, AdamW) each of:
 * ``AR SFT``: plain autoregressive SFT: a causal mask, logits at every position, next-token
   cross-entropy on the response tokens (prompt labels ignored), as ``model(..., labels=)`` does.
 
-Printed: s/step, response tokens/s, peak memory of forward + backward above what the model and
-optimizer hold before it (the optimizer step's own peak, the same for every variant, is left out;
+Printed: s/step, CPU s/step (the process's CPU time: with ``--threads 1`` the work done, much less
+sensitive than wall time to other jobs on a shared machine), response tokens/s, peak memory of forward + backward above what the model and optimizer
+hold before it (the optimizer step's own peak, the same for every variant, is left out;
 CPU: the process's peak RSS, reset before each step through /proc/self/clear_refs, with glibc told
 to return large blocks to the OS; GPU: torch.cuda.max_memory_allocated), each as a ratio to AR SFT;
 and the FLOP floor of the method for that batch (every noisy token of a block some row can mask,
@@ -255,13 +256,14 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
     if not args.reference:
         runs.pop("reference (all cuts off)")
     times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}  # process CPU time: less sensitive to other load
     peaks: dict[str, list[float]] = {k: [] for k in runs}
     losses: dict[str, float] = {}
     for rep in range(args.warmup + args.reps):
         for name, opts in runs.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with PeakMemory(device) as mem:  # forward + backward (the optimizer's peak is the same for all)
                 loss = (ar_step(m, batch) if opts is None
                         else diffusion_step(m, batch, opts, rep))
@@ -269,21 +271,24 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             print(f"  [{m.name} round {rep}{' warmup' if rep < args.warmup else ''}] {name}: {dt:.2f} s, "
-                  f"{mem.peak / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+                  f"{dc:.2f} CPU s, {mem.peak / 2**20:.0f} MiB", file=sys.stderr, flush=True)
             if rep >= args.warmup:
                 times[name].append(dt)
+                cpu[name].append(dc)
                 peaks[name].append(mem.peak)
                 losses[name] = float(loss.detach())
     n_resp = int(batch["supervised"].sum())
     out = {}
     for name in runs:
         t, p = statistics.median(times[name]), statistics.median(peaks[name])
-        out[name] = {"s_per_step": t, "response_tokens_per_s": n_resp / t, "peak_mib": p / 2**20}
+        out[name] = {"s_per_step": t, "cpu_s_per_step": statistics.median(cpu[name]),
+                     "response_tokens_per_s": n_resp / t, "peak_mib": p / 2**20}
     ar = out["AR SFT"]
     for r in out.values():
         r["time_vs_ar"] = r["s_per_step"] / ar["s_per_step"]
+        r["cpu_vs_ar"] = r["cpu_s_per_step"] / ar["cpu_s_per_step"]
         r["mem_vs_ar"] = r["peak_mib"] / max(ar["peak_mib"], 1e-9)
     return out
 
@@ -326,10 +331,12 @@ def main() -> None:
               f"B={args.batch}, L={args.length}, block {block}, "
               f"{100 * n_resp / batch['supervised'].numel():.1f} % response tokens, {device}, "
               f"{torch.get_num_threads()} threads, median of {args.reps} interleaved steps")
-        print(f"{'variant':<36}{'s/step':>9}{'resp tok/s':>12}{'peak MiB':>10}{'time/AR':>9}{'mem/AR':>8}")
+        print(f"{'variant':<36}{'s/step':>9}{'CPU s':>8}{'resp tok/s':>12}{'peak MiB':>10}{'time/AR':>9}"
+              f"{'CPU/AR':>8}{'mem/AR':>8}")
         for vname, r in res.items():
-            print(f"{vname:<36}{r['s_per_step']:>9.3f}{r['response_tokens_per_s']:>12.0f}{r['peak_mib']:>10.0f}"
-                  f"{r['time_vs_ar']:>8.2f}x{r['mem_vs_ar']:>7.2f}x")
+            print(f"{vname:<36}{r['s_per_step']:>9.3f}{r['cpu_s_per_step']:>8.2f}"
+                  f"{r['response_tokens_per_s']:>12.0f}{r['peak_mib']:>10.0f}"
+                  f"{r['time_vs_ar']:>8.2f}x{r['cpu_vs_ar']:>7.2f}x{r['mem_vs_ar']:>7.2f}x")
         print(f"FLOP floor (fwd+bwd): method {method / 1e9:.1f} GFLOP, AR {ar / 1e9:.1f} GFLOP "
               f"= {method / ar:.2f}x AR; default step at {method / res['default']['s_per_step'] / 1e9:.1f} "
               f"GFLOP/s of floor work, AR at {ar / res['AR SFT']['s_per_step'] / 1e9:.1f}")
