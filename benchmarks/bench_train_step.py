@@ -13,17 +13,18 @@ optimizer step (forward, backward, AdamW) each of:
 
 * ``default``: the trainer's step (block layout, complementary soft masking, both views sharing one
   x_0, prompt-only noisy blocks left out, LM head on the masked tokens only; attention as
-  ``objective.attn_backend=auto`` picks it: dense SDPA on CPU, flex on a GPU);
-* the default with each cut off in turn (on a GPU also flex), the default with the block-sparse CPU
-  SDPA (``attn_backend=sparse``), and the reference with all cuts off;
+  ``objective.attn_backend=auto`` picks it: block-sparse SDPA on CPU, flex on a GPU);
+* the default with each cut off in turn (the sparse attention too: dense SDPA instead), and the
+  reference with all cuts off;
 * ``AR SFT``: plain autoregressive SFT: a causal mask, logits at every position, next-token
   cross-entropy on the response tokens (prompt labels ignored), as ``model(..., labels=)`` does.
 
 Printed: s/step, CPU s/step (the process's CPU time: with ``--threads 1`` the work done, much less
-sensitive than wall time to other jobs on a shared machine), response tokens/s, peak memory of forward + backward above what the model and optimizer
-hold before it (the optimizer step's own peak, the same for every variant, is left out;
-CPU: the process's peak RSS, reset before each step through /proc/self/clear_refs, with glibc told
-to return large blocks to the OS; GPU: torch.cuda.max_memory_allocated), each as a ratio to AR SFT;
+sensitive than wall time to other jobs on a shared machine), response tokens/s, peak memory of
+forward + backward above what the model and optimizer hold before it (the optimizer step's own peak,
+the same for every variant, is left out; CPU: the process's peak RSS, reset before each step through
+/proc/self/clear_refs, with glibc told to return large blocks to the OS; GPU:
+torch.cuda.max_memory_allocated), each as a ratio to AR SFT;
 and the FLOP floor of the method for that batch (every noisy token of a block some row can mask,
 each view once, the clean half up to the last such block, the LM head on the masked tokens,
 attention scores only where the layout allows) against the AR floor.  The machine may be shared:
@@ -227,19 +228,17 @@ def flop_floor(m: Model, batch: dict, block: int) -> tuple[float, float]:
 
 
 def variants(layout: str, device: torch.device) -> dict[str, dict | None]:
-    """The default step as the trainer runs it on ``device`` (attention 'auto': dense SDPA on CPU, flex
-    on CUDA), each cut off in turn, the block-sparse CPU path as an option, and AR SFT."""
-    attn = "flex" if device.type == "cuda" else "sdpa"
+    """The default step as the trainer runs it on ``device`` (attention 'auto': block-sparse SDPA on CPU,
+    flex on CUDA), each cut off in turn (sparse attention off = dense SDPA), and AR SFT."""
+    attn = "flex" if device.type == "cuda" else "sparse"
     default = {"packing": "shared", "skip_blocks": True, "masked_head": True, "attn_backend": attn}
     out: dict[str, dict | None] = {"default": default}
     for key, (off, label) in CUTS.items():
         if layout == "full" and key in ("packing", "skip_blocks"):
             continue  # no clean half: nothing to share, every token is attended
         out[label] = {**default, key: off}
-    if device.type == "cuda":
-        out["flex off (dense SDPA)"] = {**default, "attn_backend": "sdpa"}
-    else:
-        out["+ block-sparse SDPA (sparse)"] = {**default, "attn_backend": "sparse"}
+    out[f"{'flex' if attn == 'flex' else 'block-sparse SDPA'} off (dense SDPA)"] = {**default,
+                                                                                     "attn_backend": "sdpa"}
     out["reference (all cuts off)"] = {**default, **{k: off for k, (off, _) in CUTS.items()},
                                        "attn_backend": "sdpa"}
     out["AR SFT"] = None

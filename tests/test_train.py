@@ -118,8 +118,10 @@ def test_attn_backend_selection():
     from trainer.components import attn_implementation_for, resolve_attn_backend
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_attn_backend("auto", cpu) == "sdpa"
+    assert resolve_attn_backend("auto", cpu) == "sparse"
+    assert resolve_attn_backend("auto", cpu, "eager") == "sdpa"  # an explicit kernel is kept
     assert resolve_attn_backend("auto", cuda) == "flex"  # torch 2.13 ships flex_attention
+    assert resolve_attn_backend("auto", cuda, "sdpa") == "sdpa"
     assert resolve_attn_backend("sdpa", cuda) == "sdpa"
     assert resolve_attn_backend("flex", cuda) == "flex"
     with pytest.raises(ValueError, match="objective.attn_backend: flex cannot train on CPU"):

@@ -111,7 +111,8 @@ class ObjectiveConfig:
     (the same mask, read by a chunked SDPA that gives each query block only the keys it may see; CPU;
     the model is loaded with attn_implementation="sdpa_block_sparse"), 'flex' (a flex-attention
     BlockMask that skips the masked-out tiles; attn_implementation="flex_attention"; GPU only: flex
-    has no CPU backward), or 'auto': flex on CUDA when torch has it, sdpa elsewhere."""
+    has no CPU backward), or 'auto': flex on CUDA when torch has it, sparse on CPU (sdpa where
+    model.attn_implementation names another kernel)."""
     packing: str = "shared"
     """Block layout with complementary masking: 'shared' = one row per sample, [x_t(M) ; x_t(S minus M)
     ; x_0], the clean half computed once for both views (exact: it never attends to noisy tokens);

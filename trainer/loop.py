@@ -92,7 +92,8 @@ class Trainer:
         self.ds_config = parts.deepspeed_config(cfg, world=self.world, bf16=self.bf16)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.dataset = parts.open_dataset(cfg)
-        self.attn_backend = parts.resolve_attn_backend(cfg.objective.attn_backend, self.device)
+        self.attn_backend = parts.resolve_attn_backend(cfg.objective.attn_backend, self.device,
+                                                       cfg.model.attn_implementation)
         self.bundle = parts.load_for_training(cfg, bf16=self.bf16, attn_backend=self.attn_backend,
                                               ds_config=self.ds_config, vocab_size=self.dataset.vocab_size)
         self.n_flop_params = matmul_params(self.bundle.model)
