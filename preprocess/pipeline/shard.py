@@ -296,27 +296,35 @@ class ShardJob:
                 cum = np.cumsum(blen)
                 seg_end = np.cumsum(seg_len) - 1
                 seg_base = cum[seg_end] - np.add.reduceat(blen, seg_end - seg_len + 1)
-                totals = cum[seg_end] - seg_base
-                ss_all: list[np.ndarray] = []
-                se_all: list[np.ndarray] = []
+                totals = (cum[seg_end] - seg_base).tolist()
+                bases = seg_base.tolist()
+                # span bounds of the whole batch in one byte coordinate system, as plain ints: an
+                # ASCII response (most) needs no conversion, so no numpy call per sample
+                ss_all: list[int] = []
+                se_all: list[int] = []
                 fallback = []
                 for j, k in enumerate(with_spans):
-                    resp = recs[keep[k]].response
-                    ascii_only = resp.isascii()
-                    n_bytes = len(resp) if ascii_only else len(resp.encode("utf-8"))
-                    if int(totals[j]) != n_bytes:
+                    i = keep[k]
+                    resp = recs[i].response
+                    base = bases[j]
+                    if resp.isascii():
+                        if totals[j] != len(resp):
+                            fallback.append(k)
+                            continue
+                        ss_all += [s.start + base for s in spans[i]]
+                        se_all += [s.end + base for s in spans[i]]
+                        continue
+                    cpos = char_to_byte_positions(resp)
+                    if totals[j] != int(cpos[-1]):
                         fallback.append(k)
                         continue
-                    ss, se = spans_to_arrays(spans[keep[k]])
-                    if not ascii_only:
-                        cpos = char_to_byte_positions(resp)
-                        ss, se = cpos[ss], cpos[se]
-                    base = int(seg_base[j])
-                    ss_all.append(ss + base)
-                    se_all.append(se + base)
+                    ss, se = spans_to_arrays(spans[i])
+                    ss_all += (cpos[ss] + base).tolist()
+                    se_all += (cpos[se] + base).tolist()
                 self.alignment["bytes"] += len(with_spans) - len(fallback)
                 if ss_all:
-                    hit = mark_overlaps(cum - blen, cum, np.concatenate(ss_all), np.concatenate(se_all))
+                    hit = mark_overlaps(cum - blen, cum, np.array(ss_all, dtype=np.int64),
+                                        np.array(se_all, dtype=np.int64))
                     out.append(seg_pos[hit])
         for k in fallback:
             i = keep[k]
