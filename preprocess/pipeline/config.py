@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,6 +155,11 @@ class PreprocessConfig:
             "fields": asdict(self.fields),
             "hf_split": self.hf_split,
         }
+
+    def local_workers(self) -> int:
+        """Concurrent shard tasks of the local executor: ``workers``, or one per core up to the shard
+        count."""
+        return self.workers if self.workers > 0 else min(self.num_shards, os.cpu_count() or 1)
 
     def operational_options(self) -> frozenset[str]:
         """Options of the extractor that do not change what it returns (declared by its class)."""

@@ -7,6 +7,7 @@ the per-record Python work is a few list operations; see :meth:`ShardJob.extract
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -71,6 +72,37 @@ def _batched(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
 def load_tokenizer(name_or_path: str, use_chat_template: bool) -> TokenizerBundle:
     """One tokenizer per process and setting: worker processes run several shard tasks each."""
     return TokenizerBundle(name_or_path, use_chat_template)
+
+
+TOKENIZER_THREAD_ENV = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def tokenizer_threads(cfg: PreprocessConfig) -> Iterator[None]:
+    """Give each concurrent local shard task its share of the cores for ``encode_batch``.
+
+    ``tokenizers`` runs every batch on a rayon pool of one thread per core in *each* process: N
+    workers on N cores would run N x N threads, and the oversubscribed threads cost CPU (spinning,
+    switching) for no speed.  So a task gets ``cores // workers`` threads: the serial code path when
+    that is 1 (``TOKENIZERS_PARALLELISM=false``, read at every call), else ``RAYON_NUM_THREADS`` (read
+    when the process builds its pool; a fresh worker has none yet).  Restored afterwards for an
+    in-process caller; left alone when the user set either variable, and on SLURM (a task owns its
+    allocation).  Output bytes do not depend on it (``encode_batch`` is deterministic).
+    """
+    if cfg.executor != "local" or any(k in os.environ for k in TOKENIZER_THREAD_ENV):
+        yield
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = cores // min(cfg.local_workers(), cfg.num_shards)
+    if threads <= 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    elif threads < cores:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        for k in TOKENIZER_THREAD_ENV:
+            os.environ.pop(k, None)
 
 
 PROGRESS_EVERY_S = 0.5
