@@ -476,7 +476,7 @@ def test_concurrent_drivers_share_one_output(tmp_path: Path):
 
 
 def test_a_failing_task_is_one_line_with_its_log(tmp_path: Path, capsys):
-    from preprocess.cli import main
+    from preprocess.cli.main import main
 
     inp, _ = _subset(tmp_path, n=40)
     args = ["run", "--input", str(inp), "--output", str(tmp_path / "o"), "--workers", "1",
