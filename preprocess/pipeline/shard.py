@@ -39,7 +39,7 @@ from preprocess.extractors.base import (
     validate_spans,
 )
 from preprocess.extractors.registry import get_extractor
-from preprocess.pipeline.config import PreprocessConfig, RejectError
+from preprocess.pipeline.config import PreprocessConfig, RejectError, available_cores
 from preprocess.pipeline.inputs import RunInputs
 from preprocess.records import (
     INVALID_SPANS,
@@ -92,7 +92,7 @@ def tokenizer_threads(cfg: PreprocessConfig) -> Iterator[None]:
     if cfg.executor != "local" or any(k in os.environ for k in TOKENIZER_THREAD_ENV):
         yield
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     threads = cores // min(cfg.local_workers(), cfg.num_shards)
     if threads <= 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
