@@ -72,7 +72,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": [
-        "dm-preprocess=preprocess.cli:main",
+        "dm-preprocess=preprocess.cli.main:main",
         "dm-evaluate=evaluation.cli:main",
     ]},
 )

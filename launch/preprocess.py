@@ -1,4 +1,4 @@
-"""Preprocess records into memory-mapped shards (thin entry point; the logic is preprocess/cli.py).
+"""Preprocess records into memory-mapped shards (thin entry point; the logic is preprocess/cli/).
 
     python launch/preprocess.py run --input preprocess/assets/sample/sample.jsonl --output data/pp
     python launch/preprocess.py verify data/pp
@@ -20,7 +20,7 @@ _LAUNCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _LAUNCH_DIR]
 sys.path.insert(0, str(_LAUNCH_DIR.parent))
 
-from preprocess.cli import main  # noqa: E402
+from preprocess.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

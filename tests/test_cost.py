@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from preprocess.assets import SAMPLE_PATH
-from preprocess.cli import main
+from preprocess.cli.main import main
 from preprocess.extractors.base import (
     ExtractInput,
     fraction_for,

@@ -412,7 +412,7 @@ def test_request_key_depends_on_every_request_field():
 
 
 def test_batch_cli_submit_status_collect_then_online_run_is_free(tmp_path, capsys):
-    from preprocess.cli import main
+    from preprocess.cli.main import main
     from preprocess.extractors.base import fraction_selected
 
     items = _items(6, 6)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from preprocess.assets import SAMPLE_PATH
-from preprocess.cli import main
+from preprocess.cli.main import main
 from preprocess.extractors.base import ExtractInput, ExtractorError
 from preprocess.extractors.llm.config import FailureBudgetError
 from preprocess.extractors.llm.limits import BURST_SECONDS, SharedLimits

@@ -24,7 +24,7 @@ from preprocess.extractors.base import ExtractInput, ExtractResult, Span, fracti
 from preprocess.extractors.registry import EXTRACTORS
 from preprocess.pipeline.config import PreprocessConfig, RejectError
 from preprocess.pipeline.driver import build_slurm_executor, run_pipeline
-from preprocess.pipeline.shard import CRASH_ENV
+from preprocess.pipeline.shard import CRASH_ENV, TOKENIZER_THREAD_ENV, tokenizer_threads
 from preprocess.records import FieldMap
 from preprocess.shards import (
     FLAG_INFO_DENSE,
@@ -476,7 +476,7 @@ def test_concurrent_drivers_share_one_output(tmp_path: Path):
 
 
 def test_a_failing_task_is_one_line_with_its_log(tmp_path: Path, capsys):
-    from preprocess.cli import main
+    from preprocess.cli.main import main
 
     inp, _ = _subset(tmp_path, n=40)
     args = ["run", "--input", str(inp), "--output", str(tmp_path / "o"), "--workers", "1",
@@ -488,3 +488,30 @@ def test_a_failing_task_is_one_line_with_its_log(tmp_path: Path, capsys):
     log = tmp_path / "o" / "logs" / "shards" / "logs" / "task_00000.log"
     assert err == f"error: shard_00000: ConnectionError: extractor backend went away (traceback in {log})"
     assert "Traceback" in log.read_text() and not (tmp_path / "o" / "shard_00000.json").exists()
+
+
+def test_tokenizer_threads_share_the_cores(tmp_path: Path, monkeypatch):
+    """cores // workers tokenizer threads per local task (serial at 1), restored afterwards; a user's
+    own setting and SLURM tasks are left alone."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    for k in TOKENIZER_THREAD_ENV:
+        monkeypatch.delenv(k, raising=False)
+
+    def inside(**kw) -> dict[str, str]:
+        cfg = PreprocessConfig(inputs=[SAMPLE_PATH], output_dir=tmp_path, **kw)
+        with tokenizer_threads(cfg):
+            seen = {k: os.environ[k] for k in TOKENIZER_THREAD_ENV if k in os.environ}
+        assert not any(k in os.environ for k in TOKENIZER_THREAD_ENV)
+        return seen
+
+    assert inside(workers=4, num_shards=8) == {"TOKENIZERS_PARALLELISM": "false"}
+    assert inside(workers=-1, num_shards=8) == {"TOKENIZERS_PARALLELISM": "false"}  # one worker per core
+    assert inside(workers=2, num_shards=8) == {"RAYON_NUM_THREADS": "2"}
+    assert inside(workers=4, num_shards=2) == {"RAYON_NUM_THREADS": "2"}  # 2 shards: 2 tasks at once
+    assert inside(workers=1, num_shards=8) == {}
+    assert inside(workers=4, num_shards=8, executor="slurm", slurm={"partition": "p"}) == {}
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    cfg = PreprocessConfig(inputs=[SAMPLE_PATH], output_dir=tmp_path, workers=4, num_shards=8)
+    with tokenizer_threads(cfg):
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "true" and "RAYON_NUM_THREADS" not in os.environ
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"

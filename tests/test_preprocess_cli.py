@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from preprocess.assets import SAMPLE_PATH
-from preprocess.cli import _kv, build_parser, config_from_args, main
+from preprocess.cli.args import parse_kv
+from preprocess.cli.main import build_parser, main
+from preprocess.cli.run import config_from_args
 from preprocess.shards import shard_files
 
 
@@ -181,7 +183,7 @@ def test_flags_map_onto_config():
     assert cfg.fields.prompt == "question" and cfg.fields.domain == "math" and cfg.fields.id_field is None
     assert not cfg.use_chat_template
     with pytest.raises(Exception, match="key=value"):
-        _kv("novalue")
+        parse_kv("novalue")
 
 
 def test_progress_reports_and_table(built: Path, small_input: Path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preprocess.cli import main
+from preprocess.cli.main import main
 from preprocess.extractors.base import ExtractInput, ExtractResult, Span
 from preprocess.extractors.registry import EXTRACTORS
 from preprocess.rho_stats import histogram, sample_rhos

@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from preprocess.records import FieldMap, Record, Reject, expand_inputs, iter_records
 from preprocess.shards import Domain
@@ -35,13 +35,16 @@ class SpanError(ValueError):
     """A span that does not fit the response it claims to come from."""
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Span:
+class Span(NamedTuple):
     """A half-open character range ``[start, end)`` of the response, with a kind label and a score.
 
     ``score`` is the span's priority under a rho budget (``preprocess.budget``): higher scores are
     kept first, equal scores keep the earlier span.  Rules: the priority of the rule that found it;
     ``confidence``: the model's masked-token loss or entropy; extractors without one leave 0.0.
+
+    A named tuple (immutable, ordered by its fields): every extracted sample's spans are built and
+    read on the pipeline's hot path, and a tuple is built in C where a frozen dataclass costs a
+    Python-level ``__setattr__`` per field (~1.2 against ~0.2 µs with ``tuple.__new__``).
     """
 
     start: int
@@ -51,8 +54,7 @@ class Span:
 
 
 RawSpan = tuple[int, int, str]
-"""``(start, end, kind)``: a rule span before the extractor merges and scores it; tuples are made and
-sorted in C, where a frozen :class:`Span` costs a Python call per field."""
+"""``(start, end, kind)``: a rule span before the extractor merges and scores it."""
 
 
 @dataclass(frozen=True, slots=True)

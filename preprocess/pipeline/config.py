@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,11 +156,21 @@ class PreprocessConfig:
             "hf_split": self.hf_split,
         }
 
+    def local_workers(self) -> int:
+        """Concurrent shard tasks of the local executor: ``workers``, or one per core up to the shard
+        count."""
+        return self.workers if self.workers > 0 else min(self.num_shards, available_cores())
+
     def operational_options(self) -> frozenset[str]:
         """Options of the extractor that do not change what it returns (declared by its class)."""
         from preprocess.extractors.registry import EXTRACTORS
 
         return getattr(EXTRACTORS.get(self.extractor), "operational_options", frozenset())
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # Extractor options that look like credentials never reach index.json or manifests.

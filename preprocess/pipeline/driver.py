@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -197,7 +196,7 @@ def _run_locked(cfg: PreprocessConfig, spec: Any, inputs: RunInputs) -> Path:
                 if not shard_is_complete(folder, shard_name(k))}
         write_plan_bytes(cfg.logging_dir, todo)
         step = ShardStep(cfg, spec, inputs)
-        workers = cfg.workers if cfg.workers > 0 else min(cfg.num_shards, os.cpu_count() or 1)
+        workers = cfg.local_workers()
         if workers > 1:
             _preload_in_forkserver()
         for k in range(cfg.num_shards):

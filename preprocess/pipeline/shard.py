@@ -7,6 +7,7 @@ the per-record Python work is a few list operations; see :meth:`ShardJob.extract
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -38,7 +39,7 @@ from preprocess.extractors.base import (
     validate_spans,
 )
 from preprocess.extractors.registry import get_extractor
-from preprocess.pipeline.config import PreprocessConfig, RejectError
+from preprocess.pipeline.config import PreprocessConfig, RejectError, available_cores
 from preprocess.pipeline.inputs import RunInputs
 from preprocess.records import (
     INVALID_SPANS,
@@ -71,6 +72,37 @@ def _batched(it: Iterable[Any], n: int) -> Iterator[list[Any]]:
 def load_tokenizer(name_or_path: str, use_chat_template: bool) -> TokenizerBundle:
     """One tokenizer per process and setting: worker processes run several shard tasks each."""
     return TokenizerBundle(name_or_path, use_chat_template)
+
+
+TOKENIZER_THREAD_ENV = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def tokenizer_threads(cfg: PreprocessConfig) -> Iterator[None]:
+    """Give each concurrent local shard task its share of the cores for ``encode_batch``.
+
+    ``tokenizers`` runs every batch on a rayon pool of one thread per core in *each* process: N
+    workers on N cores would run N x N threads, and the oversubscribed threads cost CPU (spinning,
+    switching) for no speed.  So a task gets ``cores // workers`` threads: the serial code path when
+    that is 1 (``TOKENIZERS_PARALLELISM=false``, read at every call), else ``RAYON_NUM_THREADS`` (read
+    when the process builds its pool; a fresh worker has none yet).  Restored afterwards for an
+    in-process caller; left alone when the user set either variable, and on SLURM (a task owns its
+    allocation).  Output bytes do not depend on it (``encode_batch`` is deterministic).
+    """
+    if cfg.executor != "local" or any(k in os.environ for k in TOKENIZER_THREAD_ENV):
+        yield
+        return
+    cores = available_cores()
+    threads = cores // min(cfg.local_workers(), cfg.num_shards)
+    if threads <= 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    elif threads < cores:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        for k in TOKENIZER_THREAD_ENV:
+            os.environ.pop(k, None)
 
 
 PROGRESS_EVERY_S = 0.5
@@ -296,27 +328,35 @@ class ShardJob:
                 cum = np.cumsum(blen)
                 seg_end = np.cumsum(seg_len) - 1
                 seg_base = cum[seg_end] - np.add.reduceat(blen, seg_end - seg_len + 1)
-                totals = cum[seg_end] - seg_base
-                ss_all: list[np.ndarray] = []
-                se_all: list[np.ndarray] = []
+                totals = (cum[seg_end] - seg_base).tolist()
+                bases = seg_base.tolist()
+                # span bounds of the whole batch in one byte coordinate system, as plain ints: an
+                # ASCII response (most) needs no conversion, so no numpy call per sample
+                ss_all: list[int] = []
+                se_all: list[int] = []
                 fallback = []
                 for j, k in enumerate(with_spans):
-                    resp = recs[keep[k]].response
-                    ascii_only = resp.isascii()
-                    n_bytes = len(resp) if ascii_only else len(resp.encode("utf-8"))
-                    if int(totals[j]) != n_bytes:
+                    i = keep[k]
+                    resp = recs[i].response
+                    base = bases[j]
+                    if resp.isascii():
+                        if totals[j] != len(resp):
+                            fallback.append(k)
+                            continue
+                        ss_all += [s.start + base for s in spans[i]]
+                        se_all += [s.end + base for s in spans[i]]
+                        continue
+                    cpos = char_to_byte_positions(resp)
+                    if totals[j] != int(cpos[-1]):
                         fallback.append(k)
                         continue
-                    ss, se = spans_to_arrays(spans[keep[k]])
-                    if not ascii_only:
-                        cpos = char_to_byte_positions(resp)
-                        ss, se = cpos[ss], cpos[se]
-                    base = int(seg_base[j])
-                    ss_all.append(ss + base)
-                    se_all.append(se + base)
+                    ss, se = spans_to_arrays(spans[i])
+                    ss_all += (cpos[ss] + base).tolist()
+                    se_all += (cpos[se] + base).tolist()
                 self.alignment["bytes"] += len(with_spans) - len(fallback)
                 if ss_all:
-                    hit = mark_overlaps(cum - blen, cum, np.concatenate(ss_all), np.concatenate(se_all))
+                    hit = mark_overlaps(cum - blen, cum, np.array(ss_all, dtype=np.int64),
+                                        np.array(se_all, dtype=np.int64))
                     out.append(seg_pos[hit])
         for k in fallback:
             i = keep[k]

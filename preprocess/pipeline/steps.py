@@ -21,7 +21,7 @@ from preprocess.align import TokenizerSpec
 from preprocess.extractors.base import ExtractorError
 from preprocess.pipeline.config import PreprocessConfig, RejectError, ShardTaskError
 from preprocess.pipeline.inputs import RunInputs, resolve_inputs
-from preprocess.pipeline.shard import ShardJob, load_tokenizer
+from preprocess.pipeline.shard import ShardJob, load_tokenizer, tokenizer_threads
 from preprocess.shards import (
     clean_partial,
     read_manifest,
@@ -55,7 +55,8 @@ def process_shard(cfg: PreprocessConfig, shard: int, spec: TokenizerSpec | None 
     # garbage gets frozen is collected normally after ``unfreeze``.
     gc.freeze()
     try:
-        manifest = job.run()
+        with tokenizer_threads(cfg):
+            manifest = job.run()
     finally:
         gc.unfreeze()
     # Timings and memory are not deterministic, so they go to the logs, never into the data files.

@@ -72,43 +72,48 @@ class LineIndex:
     """Maps ``(lineno, utf-8 byte column)`` from ``ast`` to a ``str`` index into the source.
 
     Most lines are ASCII, where byte and character columns agree; only non-ASCII lines pay for an
-    encode/decode, once per line.
+    encode/decode, once per line.  An all-ASCII source (most code) keeps only the line starts.
     """
 
     __slots__ = ("_starts", "_lines", "_encoded", "_first_line")
 
     def __init__(self, source: str, first_line: int = 1) -> None:
-        starts = [0]
-        lines: list[str] = []
-        pos = 0
-        for m in _LINE_END.finditer(source):
-            lines.append(source[pos:m.start()])
-            pos = m.end()
-            starts.append(pos)
-        lines.append(source[pos:])
-        self._starts = starts
-        self._lines = lines
-        self._encoded: dict[int, bytes] = {}
-        # ast line number of source line 0 (2 when an ``if 1:`` wrapper line was prepended)
+        ends = [m.end() for m in _LINE_END.finditer(source)]
+        # ast line number of source line 0 (2 when an ``if 1:`` wrapper line was prepended), folded
+        # into the starts list: _starts[lineno] is where ast line ``lineno`` starts
+        self._starts = [0] * (first_line + 1) + ends
         self._first_line = first_line
+        self._encoded: dict[int, bytes] = {}
+        if source.isascii():
+            self._lines: list[str] | None = None
+            return
+        bounds = zip([0, *ends], [m.start() for m in _LINE_END.finditer(source)] + [len(source)])
+        self._lines = [source[a:b] for a, b in bounds]
 
     def offset(self, lineno: int, byte_col: int) -> int:
+        if self._lines is None:
+            return self._starts[lineno] + byte_col
         i = lineno - self._first_line
         line = self._lines[i]
         if line.isascii():
-            return self._starts[i] + byte_col
+            return self._starts[lineno] + byte_col
         enc = self._encoded.get(i)
         if enc is None:
             enc = self._encoded[i] = line.encode("utf-8")
         # a column never splits a character (lone surrogates cannot get here: ast.parse rejects them)
-        return self._starts[i] + len(enc[:byte_col].decode("utf-8", errors="ignore"))
+        return self._starts[lineno] + len(enc[:byte_col].decode("utf-8", errors="ignore"))
 
     def span(self, node: ast.AST, kind: str) -> RawSpan | None:
         end_lineno = getattr(node, "end_lineno", None)
         if end_lineno is None:
             return None
-        start = self.offset(node.lineno, node.col_offset)  # type: ignore[attr-defined]
-        end = self.offset(end_lineno, node.end_col_offset)  # type: ignore[attr-defined]
+        if self._lines is None:  # ASCII: byte columns are str columns
+            starts = self._starts
+            start = starts[node.lineno] + node.col_offset  # type: ignore[attr-defined]
+            end = starts[end_lineno] + node.end_col_offset  # type: ignore[attr-defined]
+        else:
+            start = self.offset(node.lineno, node.col_offset)  # type: ignore[attr-defined]
+            end = self.offset(end_lineno, node.end_col_offset)  # type: ignore[attr-defined]
         return (start, end, kind) if end > start else None
 
 

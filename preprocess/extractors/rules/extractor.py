@@ -143,8 +143,8 @@ def _finish(raw: list[RawSpan], text: str) -> list[Span]:
     """Trim, sort, check and merge the raw ``(start, end, kind)`` spans of one response.
 
     Same result as ``validate_spans`` of the trimmed spans scored by ``KIND_PRIORITY``, but on plain
-    tuples, which sort and compare in C; ``Span`` objects are made only for the merged result (the hot
-    path: every extracted sample comes through here).
+    tuples, which sort and compare in C; ``Span`` tuples are made only for the merged result, with
+    ``tuple.__new__`` (the hot path: every extracted sample comes through here).
 
     Trimming drops whitespace at span edges: with byte-level BPE a leading space belongs to the next
     token (`` <<``), so a span ending in a space would mark the following glue token as dense.
@@ -168,6 +168,7 @@ def _finish(raw: list[RawSpan], text: str) -> list[Span]:
     spans.sort()
     # merge overlapping and touching spans: the first one's kind, the highest score
     prio_of = KIND_PRIORITY
+    new, span = tuple.__new__, Span
     out: list[Span] = []
     it = iter(spans)
     la, lb, lk = next(it)
@@ -180,9 +181,9 @@ def _finish(raw: list[RawSpan], text: str) -> list[Span]:
             if p > lp:
                 lp = p
             continue
-        out.append(Span(la, lb, lk, lp))
+        out.append(new(span, (la, lb, lk, lp)))
         la, lb, lk, lp = a, b, kind, p
-    out.append(Span(la, lb, lk, lp))
+    out.append(new(span, (la, lb, lk, lp)))
     # sorted by start and merged, the first span starts first and the last one ends last
     n = len(text)
     if spans[0][0] < 0 or lb > n:
