@@ -139,13 +139,32 @@ def diffusion_step(m: Model, batch: dict, opts: dict, seed: int) -> torch.Tensor
     return loss
 
 
+CAUSAL_SDPA = "sdpa_causal"
+"""The AR baseline's attention: SDPA with ``is_causal=True`` and no mask tensor, as a causal LM runs it
+(the fused kernels skip the upper triangle), whatever mask the diffusion model's forward builds."""
+
+
+def _causal_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("is_causal", None)
+    return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+
+
 def ar_step(m: Model, batch: dict) -> torch.Tensor:
-    set_attention(m.model, "sdpa")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, sdpa_mask)
+    set_attention(m.model, CAUSAL_SDPA)
     ids, sup = batch["input_ids"], batch["supervised"]
     b, length = ids.shape
     causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()[None, None]
     labels = torch.where(sup, ids, -100)[:, 1:]  # logit i predicts token i + 1; prompt ignored
     pos = torch.arange(length, device=ids.device)[None].expand(b, length)
+    # The causal mask is passed too (the families' own mask code reads it) but the kernel runs is_causal.
     logits = m.model(input_ids=ids, attention_mask=causal, position_ids=pos).logits  # [B, L, V]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
     loss.backward()
