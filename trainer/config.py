@@ -160,7 +160,7 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch shape, seeds, and what happens at the end."""
 
-    max_steps: int = 600
+    max_steps: int = 1000
     """Optimizer steps to train (each = grad_accum micro-batches per rank)."""
     micro_batch_size: int = 16
     """Samples per rank per micro-batch, before the complementary copy doubles it."""
