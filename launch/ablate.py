@@ -10,11 +10,11 @@ with the grid's overrides, writing ``<output>/runs/<label>/seed<k>/``; the train
 built-in task (``eval.json``), and a grid may add an evaluation command (the paper grid's
 benchmarks).  A run is finished when its ``result.json`` exists (written last, atomically); finished
 runs are skipped, so rerunning the command resumes the grid, and an interrupted run resumes from its
-own checkpoint.  ``--jobs N`` runs N runs at once, each with ``OMP_NUM_THREADS`` = cores / N (on a
-small CPU two one-thread runs use the cores better than one two-thread run of a tiny model).  Runs
-without their own ``data.path`` share one data folder per distinct ``task.*`` setting under
-``<output>/data/``.  The table (mean ± 95 % interval over seeds, per metric) goes to
-``<output>/results.md`` and ``.json``, the plot (first metric vs w) to ``<output>/results.png``.
+own checkpoint.  ``--jobs N`` runs N runs at once, each with ``OMP_NUM_THREADS`` = cores / N (so they
+share the cores without oversubscribing them).  Runs without their own ``data.path`` share one data
+folder per distinct ``task.*`` setting under ``<output>/data/``.  The table (mean ± 95 % interval
+over seeds, per metric) goes to ``<output>/results.md`` and ``.json``, the plot (first metric vs w) to
+``<output>/results.png``.
 
 Exit codes: 0 all runs finished; 1 some run failed (the others still ran; see its train.log);
 2 bad grid file.
