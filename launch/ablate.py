@@ -3,15 +3,18 @@
     python launch/ablate.py launch/ablations/small.yaml              # run what is missing, then report
     python launch/ablate.py launch/ablations/small.yaml --dry-run    # list the runs and their state
     python launch/ablate.py launch/ablations/small.yaml --report     # only rebuild table and plot
+    python launch/ablate.py launch/ablations/small.yaml --jobs 2     # two runs at a time (CPU)
 
 Each run is one ``launch/train.py`` process (or the grid's ``launcher``, e.g. ``deepspeed --num_gpus 8``)
 with the grid's overrides, writing ``<output>/runs/<label>/seed<k>/``; the trainer itself scores the
 built-in task (``eval.json``), and a grid may add an evaluation command (the paper grid's
 benchmarks).  A run is finished when its ``result.json`` exists (written last, atomically); finished
 runs are skipped, so rerunning the command resumes the grid, and an interrupted run resumes from its
-own checkpoint.  Runs without their own ``data.path`` share one data folder per distinct ``task.*``
-setting under ``<output>/data/``.  The table (mean ± 95 % interval over seeds, per metric) goes to
-``<output>/results.md`` and ``.json``, the plot (first metric vs w) to ``<output>/results.png``.
+own checkpoint.  ``--jobs N`` runs N runs at once, each with ``OMP_NUM_THREADS`` = cores / N (so they
+share the cores without oversubscribing them).  Runs without their own ``data.path`` share one data
+folder per distinct ``task.*`` setting under ``<output>/data/``.  The table (mean ± 95 % interval
+over seeds, per metric) goes to ``<output>/results.md`` and ``.json``, the plot (first metric vs w) to
+``<output>/results.png``.
 
 Exit codes: 0 all runs finished; 1 some run failed (the others still ran; see its train.log);
 2 bad grid file.
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +97,17 @@ def collect(grid: Grid, run_dir: Path) -> dict[str, float]:
     return out
 
 
-def run_one(grid: Grid, run: RunSpec) -> bool:
-    """Train (and evaluate) one run; write its result.json.  False if a step failed."""
+def run_one(grid: Grid, run: RunSpec, threads: int | None = None) -> bool:
+    """Train (and evaluate) one run; write its result.json.  False if a step failed.
+
+    ``threads``: OMP_NUM_THREADS of the run's processes (None: inherit)."""
     run_dir = run.dir(grid.output)
     if (run_dir / "result.json").is_file():  # stale (other overrides): keep it aside, start afresh
         run_dir.rename(run_dir.with_name(f"{run_dir.name}.stale-{int(time.time())}"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
     t0 = time.perf_counter()
-    ensure_data(grid, run)
+    cpu = 0.0
     steps = [train_command(grid, run)]
     if grid.evaluate:
         steps.append([str(a).format(run_dir=run_dir) for a in grid.evaluate["command"]])
@@ -109,15 +115,18 @@ def run_one(grid: Grid, run: RunSpec) -> bool:
         for cmd in steps:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
-            rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+            # wait4: this child's own CPU time (with its waited-for descendants), also when runs overlap
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = rc = os.waitstatus_to_exitcode(status)
+            cpu += usage.ru_utime + usage.ru_stime
             if rc != 0:
                 print(f"[ablate] {run.label} seed {run.seed}: exit {rc}; see {run_dir / 'train.log'}",
                       flush=True)
                 return False
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = {"label": run.label, "seed": run.seed, "overrides": run.overrides,
               "metrics": collect(grid, run_dir), "wall_s": round(time.perf_counter() - t0, 1),
-              "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)}
+              "cpu_s": round(cpu, 1), "threads": threads}
     tmp = run_dir / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     tmp.replace(run_dir / "result.json")
@@ -143,6 +152,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dry-run", action="store_true", help="list the runs and whether they are finished")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot")
     p.add_argument("--output", type=Path, default=None, help="override the grid's output folder")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once (each with OMP_NUM_THREADS = cores / jobs; default 1: one at a time)")
     args = p.parse_args(argv)
     try:
         grid = load_grid(args.grid)
@@ -160,12 +171,23 @@ def main(argv: list[str]) -> int:
             state = "done" if (run.label, run.seed) in done else "todo"
             print(f"  {state}  {run.label}  seed {run.seed}")
         return 0
+    if args.jobs < 1:
+        print(f"error: --jobs: must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     failed = 0
     if not args.report:
         todo = [r for r in runs if (r.label, r.seed) not in done]
-        for i, run in enumerate(todo, 1):
+        for run in todo:  # shared data folders first, once each, before runs may overlap
+            ensure_data(grid, run)
+        threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+
+        def one(item: tuple[int, RunSpec]) -> bool:
+            i, run = item
             print(f"[ablate] run {i}/{len(todo)}: {run.label} seed {run.seed}", flush=True)
-            failed += not run_one(grid, run)
+            return run_one(grid, run, threads)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            failed = sum(not ok for ok in pool.map(one, enumerate(todo, 1)))
         done = load_results(grid)
     paths = write_reports(grid, summarise(grid, done), grid.output / "results")
     print(f"[ablate] wrote {', '.join(str(p) for p in paths)}")

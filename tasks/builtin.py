@@ -23,8 +23,11 @@ from trainer.config import TaskConfig
 EXTRACTORS = {"chain-truth": "tasks.chain:ChainTruthExtractor"}
 """Task-specific extractors, by the ``module:Class`` plug-in name the preprocessor's registry imports."""
 
-GEN_LENGTH = 32
-"""New tokens per held-out answer: the longest chain (3 steps + answer) is 20 tokens + EOS."""
+GEN_LENGTH = 24
+"""New tokens per held-out answer: the longest chain (3 steps + answer) is 20 tokens + EOS, and with the
+longest prompt (8 tokens) prompt + answer stay one 32-token block, so decoding runs one block per
+problem (32 would spill into a second block: twice the decoding steps for a model that has not learnt
+to stop, i.e. the untrained one)."""
 
 
 def source_path(data_dir: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,10 +112,14 @@ def test_smoke_grid_two_configs_one_seed(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
     cmd = [sys.executable, str(REPO / "launch/ablate.py"), str(path)]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    p = subprocess.run([*cmd, "--jobs", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = json.loads((tmp_path / "grid/results.json").read_text())["rows"]
     assert [r["n"] for r in rows] == [1, 1]
+    # --jobs 2: each run on half the cores, counting only its own CPU time
+    results = [json.loads(f.read_text()) for f in (tmp_path / "grid/runs").glob("*/seed0/result.json")]
+    assert [r["threads"] for r in results] == [max(1, (os.cpu_count() or 1) // 2)] * 2
+    assert all(0 < r["cpu_s"] < 3 * r["wall_s"] for r in results)
     assert all(0.0 <= r["metrics"]["accuracy_after"]["mean"] <= 1.0 for r in rows)
     assert (tmp_path / "grid/results.png").is_file()
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -92,3 +92,35 @@ def test_task_config_names_bad_field(bad):
 
     with pytest.raises(ValueError, match=r"task\.\w+"):
         TaskConfig(**bad)
+
+
+@pytest.mark.slow
+def test_full_layout_trains_exactly_like_the_block_layout_on_one_block_samples(tmp_path):
+    """Why tiny_default may train the full layout: on the task's one-block samples the block layout's
+    noisy half sees itself only and its clean half feeds no loss, so both give the same losses."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tasks.builtin import build_data
+    from trainer.config import TaskConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    data = build_data(TaskConfig(train_size=64), tmp_path / "chain")
+    curves = {}
+    for layout in ("block", "full"):
+        out = tmp_path / layout
+        cmd = [sys.executable, str(repo / "launch/train.py"), "--data.path", str(data),
+               "--checkpoint.output_dir", str(out), "--objective.layout", layout, "--train.max_steps", "3",
+               "--train.micro_batch_size", "4", "--train.log_every", "1", "--train.save_every", "0",
+               "--checkpoint.export_hf", "false", "--metrics.tensorboard", "false",
+               "--metrics.progress", "false", "--task.eval_size", "0"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("RANK", None)
+        p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+        recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        curves[layout] = [r[k] for r in recs if "loss" in r for k in ("loss", "loss_dense", "mask_rate")]
+    assert len(curves["full"]) == 3 * 3
+    assert curves["full"] == pytest.approx(curves["block"], rel=1e-4)

@@ -23,11 +23,14 @@ from trainer.masking import MaskingConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_default_is_the_papers_masking_and_block_layout():
+def test_default_is_the_papers_masking_on_one_block_samples():
+    """The demo trains the full layout, which equals the block layout only because every sample of the
+    built-in task is one block (tests/test_builtin_task.py compares the two layouts' losses)."""
     cfg = tiny_default()
     assert cfg.masking == MaskingConfig(mode="soft", weight=2.0, sigma_min=0.3, sigma_max=0.8, block_size=32,
                                         per_block=True, complementary=True)
-    assert cfg.objective.layout == "block" and cfg.model.name == "tiny"
+    assert cfg.objective.layout == "full" and cfg.task.name == "chain" and cfg.model.name == "tiny"
+    assert Config().objective.layout == "block"
     assert cfg.data.max_length % cfg.masking.block_size == 0
     assert cfg.deepspeed == "ds_configs/zero3.json"
 
@@ -157,5 +160,5 @@ def test_smoke_preset_does_not_follow_the_demo_tuning():
     assert (smoke.train.micro_batch_size, smoke.optim.lr, smoke.optim.warmup_ratio, smoke.data.max_length,
             smoke.train.max_steps) == (2, 1e-3, 0.03, 256, 6)
     assert (demo.train.micro_batch_size, demo.optim.lr, demo.optim.warmup_ratio, demo.data.max_length,
-            demo.train.max_steps) == (16, 3e-3, 0.05, 256, 600)
-    assert smoke.masking == demo.masking and smoke.objective == demo.objective
+            demo.train.max_steps) == (16, 3e-3, 0.05, 256, 1000)
+    assert smoke.masking == demo.masking and smoke.objective.layout == "block"
