@@ -152,12 +152,18 @@ def _causal_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
 
-def ar_step(m: Model, batch: dict) -> torch.Tensor:
+def _register_causal_sdpa() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(CAUSAL_SDPA, _causal_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, sdpa_mask)
+
+
+_register_causal_sdpa()  # once, at import: not inside the timed AR step
+
+
+def ar_step(m: Model, batch: dict) -> torch.Tensor:
     set_attention(m.model, CAUSAL_SDPA)
     ids, sup = batch["input_ids"], batch["supervised"]
     b, length = ids.shape
