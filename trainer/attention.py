@@ -242,7 +242,10 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, plan: list[_Chunk],
                 scale: float | None) -> Tensor:  # [B, H, Q, D] x3 -> [B, H, Q, D]
-        out = query.new_zeros(query.shape[:-1] + value.shape[-1:])
+        b, h, q_len, _ = query.shape
+        # Stored [B, Q, H, D] like the fused kernel's own output, so the caller's transpose + reshape to
+        # [B, Q, H*D] (the output projection's input, which it saves) is a view, not a second copy.
+        out = query.new_zeros(b, q_len, h, value.shape[-1]).transpose(1, 2)  # [B, H, Q, D] view
         lse = query.new_zeros(query.shape[:-1], dtype=torch.float32)  # [B, H, Q]
         for c in plan:
             if not c.keys:
