@@ -191,11 +191,12 @@ def _data(b: int = 2, length: int = 64) -> dict:
 def test_training_batch_stacks_complementary_views() -> None:
     data = _data()
     tb = make_training_batch(data, MaskingConfig(block_size=16), MASK_ID, torch.Generator().manual_seed(0))
-    # default: both views of a sample in one row sharing x_0, [x_t(M) ; x_t(S - M) ; x_0]
-    assert tb.targets.shape == (4, 64) and tb.model_inputs["input_ids"].shape == (2, 192)
+    # default: both views of a sample in one row sharing x_0, [x_t(M) ; x_t(S - M) ; x_0]; x_0's last block
+    # is read by no noisy block (noisy block b reads clean blocks < b), so it is left out
+    assert tb.targets.shape == (4, 64) and tb.model_inputs["input_ids"].shape == (2, 2 * 64 + 48)
     rows = make_training_batch(data, MaskingConfig(block_size=16), MASK_ID, torch.Generator().manual_seed(0),
                                packing="rows")
-    assert rows.model_inputs["input_ids"].shape == (4, 128) and torch.equal(rows.mask, tb.mask)
+    assert rows.model_inputs["input_ids"].shape == (4, 64 + 48) and torch.equal(rows.mask, tb.mask)
     m1, m2 = tb.mask[:2], tb.mask[2:]
     assert not (m1 & m2).any() and torch.equal(m1 | m2, data["supervised"])
     assert torch.allclose(tb.t[2:], 1 - tb.t[:2])

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.attention import BLOCK_SPARSE_SDPA, block_diffusion_mask, block_mask_to_dense, block_sparse_sdpa
-from trainer.layout import RowLayout, block_causal_mask, kept_blocks
+from trainer.layout import PackedRows, RowLayout, block_causal_mask, kept_blocks
 from trainer.masking import MaskingConfig
 from trainer.modeling import call_model
 from trainer.objective import make_training_batch
@@ -83,8 +83,12 @@ def test_optimised_step_equals_the_reference(mode: str, complementary: bool, lay
             torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=f"{opts} gradient")
     if layout == "block":
         shared_skip, _ = _step(masking, layout, DEFAULT)
-        # [x_t(M) ; x_t(S - M) ; x_0] with blocks 0-1 (prompt in every row) left out: 2 x 48 + 64 columns
-        assert shared_skip["width"] == (2 * 48 + 64 if complementary else 48 + 64)
+        # One packed row of the 3 samples (prompts end in blocks 2, 4, 2), each [x_t(M) ; x_t(S - M) ; x_0]
+        # with its prompt-only blocks left out and the clean blocks 0-6 that its noisy blocks read.
+        views = 2 if complementary else 1
+        assert shared_skip["width"] == sum(views * 8 * kept + 56 for kept in (6, 4, 6))
+        dense_skip, _ = _step(masking, layout, {**DEFAULT, "attn_backend": "sdpa"})
+        assert dense_skip["width"] == views * 48 + 56  # dense SDPA: one layout, the blocks any row keeps
 
 
 @pytest.mark.parametrize("layout", ["block", "full"])
@@ -138,6 +142,19 @@ def test_layout_masks_agree() -> None:
         got = tiles[b, 0] & bm.mask_mod(torch.tensor(b), torch.tensor(0), idx[:, None], idx[None, :])
         assert torch.equal(got, m & live[b, :, None])
     assert torch.equal(block_mask_to_dense(shared.block_mask("cpu", tile=16))[0, 0], m)
+    packed = PackedRows((RowLayout(length, 4, views=2, kept=(1, 2, 4), clean_blocks=4),
+                         RowLayout(length, 4, views=2, kept=(5,), clean_blocks=5)))
+    pm, (r0, r1) = packed.dense_mask(), (r.width for r in packed.rows)
+    assert pm.shape == (r0 + r1, r0 + r1) and not pm[:r0, r0:].any() and not pm[r0:, :r0].any()
+    for i, (lo, hi) in enumerate(((0, r0), (r0, r0 + r1))):
+        assert torch.equal(pm[lo:hi, lo:hi], packed.rows[i].dense_mask())
+        assert torch.equal(packed.positions()[lo:hi], packed.rows[i].positions())
+    trimmed = packed.rows[0].dense_mask()  # clean blocks 0-3 kept: the untrimmed row restricted to them
+    assert torch.equal(trimmed, m[:2 * n + 16, :2 * n + 16])
+    assert torch.equal(block_mask_to_dense(packed.block_mask("cpu", tile=16))[0, 0], pm)
+    x = torch.arange(2 * length).view(2, length)
+    assert r1 == 2 * 4 + 20 and torch.equal(packed.pack([x, -x], x + 100)[0, r0:],  # sample 1: block 5 twice,
+                                            torch.cat([x[1, 20:24], -x[1, 20:24], x[1, :20] + 100]))  # clean 0-4
     full = RowLayout(length, 4, clean=False)
     assert full.dense_mask().all() and full.width == length
 
@@ -195,11 +212,11 @@ def test_families_masked_head_and_sparse_attention(family: str) -> None:
     tb = make_training_batch(data, MaskingConfig(block_size=BLOCK), mask_id, torch.Generator().manual_seed(2),
                              layout=layout, attn_backend="sparse")
     with torch.no_grad():
-        noisy = slice(0, tb.row.views * tb.row.noisy_width)
-        ref = call_model(models["sdpa"], **tb.model_inputs, keep=noisy)  # [R, n, V]
+        noisy = tb.columns(torch.ones_like(tb.mask))  # every noisy column
+        ref = call_model(models["sdpa"], **tb.model_inputs, keep=noisy)  # [n, V]
         sparse = call_model(models[BLOCK_SPARSE_SDPA], **tb.model_inputs, keep=noisy)
         masked = call_model(models["sdpa"], **tb.model_inputs, keep=tb.keep)  # [N, V]
     torch.testing.assert_close(sparse, ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(masked, ref[tb.picked[:, noisy]], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(masked, ref[tb.picked[noisy]], rtol=1e-4, atol=1e-5)
     if family == "dream":  # token 0 is masked in one of the two views (rows 0 and 2)
         assert tb.picked[:, 0].any()

@@ -21,6 +21,15 @@ per-view block-diffusion rule of ``trainer.attention``:
 * clean query, clean key: clean blocks at or before (block-causal, the KV cache of decoding);
 * clean query, noisy key: never.
 
+The clean half holds only the blocks some kept noisy block reads (``clean_blocks``: noisy block b
+reads clean blocks < b, so with b_max the last kept block, clean blocks 0..b_max-1): a clean block no
+noisy block reads feeds no loss.
+
+When the rows of a micro-batch keep different blocks (prompts of different lengths), ``PackedRows``
+lays each sample out with its own ``RowLayout`` and puts them end to end in one model row (varlen
+packing, one sequence of the summed widths): the same attention rule within a sample, nothing across
+samples.  The columns then are the method's floor for every sample instead of the widest one's.
+
 ``clean=False`` is the 'full' layout (x_t alone, all-to-all).  ``dense_mask`` (SDPA, and the
 block-sparse chunked SDPA that reads it), ``block_mask`` (flex) and ``block_causal_mask`` (decoding with
 a KV cache, ``trainer.generation``) all evaluate :meth:`RowLayout.rule`, so they cannot drift apart.
@@ -48,6 +57,8 @@ class RowLayout:
     """Noisy blocks present in each noisy segment, ascending (None: all of them)."""
     clean: bool = True
     """Whether x_0 follows the noisy segments (block layout); False: 'full' layout, all-to-all."""
+    clean_blocks: int | None = None
+    """Clean blocks present, from block 0 (None: all); see :func:`clean_blocks_read`."""
 
     def __post_init__(self) -> None:
         if self.length < 1 or self.block_size < 1 or self.views < 1:
@@ -56,6 +67,9 @@ class RowLayout:
         if not self.clean and (self.views != 1 or self.kept is not None):
             raise ValueError("RowLayout: the 'full' layout (clean=False) has one view and keeps every block")
         n_blocks = -(-self.length // self.block_size)
+        if self.clean_blocks is not None and not (self.clean and 0 <= self.clean_blocks <= n_blocks):
+            raise ValueError(f"RowLayout: clean_blocks {self.clean_blocks} needs the block layout and must be "
+                             f"in [0, {n_blocks}]")
         if self.kept is not None and (list(self.kept) != sorted(set(self.kept))
                                       or any(not 0 <= b < n_blocks for b in self.kept)):
             raise ValueError(f"RowLayout: kept blocks {self.kept} must be distinct, ascending, "
@@ -74,9 +88,17 @@ class RowLayout:
         return len(self.noisy_columns)
 
     @property
+    def clean_width(self) -> int:
+        """Columns of the clean half (0 for the 'full' layout)."""
+        if not self.clean:
+            return 0
+        return self.length if self.clean_blocks is None else min(self.clean_blocks * self.block_size,
+                                                                  self.length)
+
+    @property
     def width(self) -> int:
-        """Columns of the row: views x noisy width, plus L for the clean half."""
-        return self.views * self.noisy_width + (self.length if self.clean else 0)
+        """Columns of the row: views x noisy width, plus the clean half's."""
+        return self.views * self.noisy_width + self.clean_width
 
     def noisy_slice(self, view: int) -> slice:
         """The columns of noisy segment ``view``."""
@@ -140,7 +162,7 @@ class RowLayout:
         else:  # long even when no block is kept (an empty list would give a float index)
             cols = torch.as_tensor(self.noisy_columns, dtype=torch.long, device=noisy[0].device)
             parts = [x[:, cols] for x in noisy]
-        return torch.cat(parts + ([clean] if self.clean else []), dim=1)
+        return torch.cat(parts + ([clean[:, :self.clean_width]] if self.clean else []), dim=1)
 
     def unpack_noisy(self, x: Tensor, fill: float | int | bool = 0) -> list[Tensor]:
         """Inverse of ``pack`` for the noisy segments: [B, T, ...] -> per view [B, L, ...] (left-out blocks
@@ -164,6 +186,76 @@ def kept_blocks(supervised: Tensor, block_size: int) -> tuple[int, ...]:
     return tuple(int(b) for b in any_sup.nonzero()[:, 0].tolist())
 
 
+def clean_blocks_read(kept: tuple[int, ...]) -> int:
+    """Clean blocks that the kept noisy blocks read: 0..max(kept)-1 (noisy block b reads clean blocks < b).
+    At least one, so a row that keeps no noisy block (nothing to mask) still has a column to run."""
+    return max(max(kept, default=0), 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedRows:
+    """Samples laid out by their own :class:`RowLayout` and put end to end in one model row [1, T].
+
+    Attention: each sample's rule inside the sample, nothing across samples.  Position ids restart at
+    every sample.  The rows share ``views``, ``block_size`` and ``clean`` (their ``kept`` differ).
+    """
+
+    rows: tuple[RowLayout, ...]
+
+    def __post_init__(self) -> None:
+        first = self.rows[0] if self.rows else None
+        if first is None or any((r.views, r.block_size, r.clean, r.length) !=
+                                (first.views, first.block_size, first.clean, first.length) for r in self.rows):
+            raise ValueError("PackedRows: one or more rows sharing views, block_size, clean and length")
+
+    @property
+    def views(self) -> int:
+        return self.rows[0].views
+
+    @property
+    def clean(self) -> bool:
+        return self.rows[0].clean
+
+    @property
+    def width(self) -> int:
+        return sum(r.width for r in self.rows)
+
+    def pack(self, noisy: list[Tensor], clean: Tensor | None) -> Tensor:
+        """Per-view [B, L] noisy ids (and [B, L] x_0) -> [1, T]: sample i laid out by ``rows[i]``."""
+        if noisy[0].shape[0] != len(self.rows):
+            raise ValueError(f"PackedRows.pack: {noisy[0].shape[0]} samples for {len(self.rows)} rows")
+        return torch.cat([r.pack([x[i:i + 1] for x in noisy], None if clean is None else clean[i:i + 1])
+                          for i, r in enumerate(self.rows)], dim=1)
+
+    def tables(self, device: torch.device | str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(seg [T], pos [T], sample [T]) long."""
+        return _packed_tables(self, torch.device(device or "cpu"))
+
+    def positions(self, device: torch.device | str | None = None) -> Tensor:
+        return self.tables(device)[1]
+
+    def rule(self, q: Tensor, k: Tensor, seg: Tensor, pos: Tensor, sample: Tensor) -> Tensor:
+        """:meth:`RowLayout.rule` within a sample, False across samples."""
+        return (sample[q] == sample[k]) & self.rows[0].rule(q, k, seg, pos)
+
+    def dense_mask(self, device: torch.device | str | None = None) -> Tensor:
+        """[T, T] bool, True = may attend."""
+        seg, pos, sample = self.tables(device)
+        idx = torch.arange(self.width, device=seg.device)
+        return self.rule(idx[:, None], idx[None, :], seg, pos, sample)
+
+    def block_mask(self, device: torch.device | str | None = None, *, tile: int = 128):
+        """Flex-attention ``BlockMask`` of the packed row (batch 1)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        dev = torch.device(device or "cpu")
+        seg, pos, sample = self.tables(dev)
+
+        def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex passes scalar tensors
+            return self.rule(q_idx, kv_idx, seg, pos, sample)
+        return create_block_mask(mask_mod, None, None, self.width, self.width, device=dev, BLOCK_SIZE=tile)
+
+
 def block_causal_mask(valid: Tensor, block_size: int) -> Tensor:
     """[b, T] validity -> [b, 1, T, T] bool: the clean-half rule of :class:`RowLayout` (query block >= key
     block) over a decoding canvas, padding keys hidden.  Padding queries attend to themselves only, so no
@@ -184,8 +276,8 @@ def _tables(layout: RowLayout, device: torch.device) -> tuple[Tensor, Tensor]:
     seg = [torch.full((n,), v, dtype=torch.long, device=device) for v in range(layout.views)]
     pos = [noisy] * layout.views
     if layout.clean:
-        seg.append(torch.full((layout.length,), layout.views, dtype=torch.long, device=device))
-        pos.append(torch.arange(layout.length, device=device))
+        seg.append(torch.full((layout.clean_width,), layout.views, dtype=torch.long, device=device))
+        pos.append(torch.arange(layout.clean_width, device=device))
     return torch.cat(seg), torch.cat(pos)
 
 
@@ -194,3 +286,11 @@ def _dense_mask(layout: RowLayout, device: torch.device) -> Tensor:
     seg, pos = _tables(layout, device)
     idx = torch.arange(layout.width, device=device)
     return layout.rule(idx[:, None], idx[None, :], seg, pos)
+
+
+@lru_cache(maxsize=16)
+def _packed_tables(packed: PackedRows, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    segs, poss = zip(*(r.tables(device) for r in packed.rows))
+    sample = torch.cat([torch.full((r.width,), i, dtype=torch.long, device=device)
+                        for i, r in enumerate(packed.rows)])
+    return torch.cat(segs), torch.cat(poss), sample

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.layout import RowLayout, kept_blocks
+from trainer.layout import PackedRows, RowLayout, clean_blocks_read, kept_blocks
 from trainer.masking import BLOCK_SIZE, MaskingConfig, MaskSample, per_token_rate, sample_masks
 
 Layout = Literal["block", "full"]
@@ -82,7 +82,7 @@ def _check_choices(layout: str, attn_backend: str, packing: str) -> None:
         raise ValueError(f"packing: {packing!r} is not one of {PACKINGS}")
 
 
-def layout_inputs(row: RowLayout, ids: Tensor, attn_backend: AttnBackend, live: Tensor | None = None) -> dict:
+def layout_inputs(row: RowLayout | PackedRows, ids: Tensor, attn_backend: AttnBackend, live: Tensor | None = None) -> dict:
     """``input_ids`` [R, T] laid out by ``row`` -> the model's keyword arguments (positions and mask from
     ``row``).  ``live`` [R, T]: per-row query columns for flex (the others' tiles are skipped)."""
     r, width = ids.shape
@@ -205,11 +205,11 @@ class TrainingBatch:
 
     model_inputs: dict
     """input_ids, attention_mask, position_ids for ``model(**model_inputs)``."""
-    row: RowLayout
-    """The layout of every model row."""
-    keep: slice | Tensor
-    """``call_model(..., keep=)``: a [rows, T] bool of the masked columns (masked-only LM head, logits
-    come back [N, V]), or the slice of the noisy segments (logits [rows, n, V])."""
+    row: RowLayout | PackedRows
+    """The layout of every model row, or of the one row all samples are packed into."""
+    keep: Tensor
+    """``call_model(..., keep=)``: a [rows, T] bool of the masked columns (masked-only LM head) or of
+    every noisy column; the logits come back [N, V], one row per True."""
     picked: Tensor
     """[rows, T] bool: the columns the loss reads (masked, supervised noisy tokens)."""
     targets: Tensor
@@ -234,7 +234,10 @@ class TrainingBatch:
     def loss(self, logits: Tensor, weighting: Weighting = "masked_mean") -> LossOutput:
         """The diffusion loss for the logits ``call_model`` returned with ``keep``: [N, V] at the picked
         columns (bool keep) or [rows, n, V] for the first n columns (slice keep)."""
-        flat = logits if logits.dim() == 2 else logits[self.picked[:, :logits.shape[1]]]
+        if logits.dim() == 2:  # one row per True of the bool keep, row-major
+            flat = logits if self.keep is self.picked else logits[self.picked[self.keep]]
+        else:
+            flat = logits[self.picked[:, :logits.shape[1]]]
         if flat.shape[0] != int(self.picked.sum()):
             raise ValueError(f"TrainingBatch.loss: {flat.shape[0]} logit rows for {int(self.picked.sum())} "
                              f"masked tokens; call the model with keep=batch.keep")
@@ -301,8 +304,18 @@ def make_training_batch(batch: dict, cfg: MaskingConfig, mask_token_id: int,
     n_views = len(masks)
     block = layout == "block"
     shared = block and n_views == 2 and packing == "shared"
-    kept = kept_blocks(sup, cfg.block_size) if block and skip_blocks and attn_backend != "flex" else None
-    row = RowLayout(length, cfg.block_size, views=2 if shared else 1, kept=kept, clean=block)
+    views = 2 if shared else 1
+    row: RowLayout | PackedRows
+    if block and skip_blocks and attn_backend == "sparse":  # each sample its own kept blocks, end to end
+        per_sample = [kept_blocks(sup[i:i + 1], cfg.block_size) for i in range(b)]
+        layouts = [RowLayout(length, cfg.block_size, views=views, kept=k, clean_blocks=clean_blocks_read(k))
+                   for k in per_sample]
+        row = PackedRows(tuple(layouts * (n_views // views)))
+    elif block and skip_blocks and attn_backend == "sdpa":  # one layout for the batch: what all rows keep
+        kept = kept_blocks(sup, cfg.block_size)
+        row = RowLayout(length, cfg.block_size, views=views, kept=kept, clean_blocks=clean_blocks_read(kept))
+    else:  # flex skips per row through its BlockMask; fixed shapes keep one compiled kernel
+        row = RowLayout(length, cfg.block_size, views=views, clean=block)
     x_ts = [torch.where(m, torch.full_like(ids, mask_token_id), ids) for m in masks]
     if shared:
         row_ids = row.pack(x_ts, ids)
@@ -318,7 +331,7 @@ def make_training_batch(batch: dict, cfg: MaskingConfig, mask_token_id: int,
                        targets=torch.cat([ids] * n_views), mask=mask, dense=dense2, supervised=sup2, t=t,
                        sample=sample)
     tb.picked = tb.columns(mask & sup2)
-    tb.keep = tb.picked if masked_head else slice(0, row.views * row.noisy_width)
+    tb.keep = tb.picked if masked_head else tb.columns(torch.ones_like(mask))  # masked / every noisy column
     live = None
     if block and skip_blocks and attn_backend == "flex":  # per row: noisy blocks with a maskable token
         n_blocks = -(-length // cfg.block_size)
