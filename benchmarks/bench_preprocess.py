@@ -3,6 +3,10 @@
     python benchmarks/bench_preprocess.py                  # ~30k records, all cores
     python benchmarks/bench_preprocess.py --records 6000 --reps 1 --skip-memory   # quick look
     python benchmarks/bench_preprocess.py --corpus-mb 1000 --only-corpus   # 1 GB synthetic corpus
+    python benchmarks/bench_preprocess.py --skip-memory --skip-scaling --json out.json   # ratios only
+
+``--json PATH`` also writes every figure printed (raw seconds and tokens too) to PATH, rewritten
+whole (temp file + rename) after each section, so a run cut short keeps the sections it finished.
 
 Prints:
 1. throughput ratio = whole pipeline (read + rules extraction + tokenize + align + write, datatrove
@@ -32,6 +36,7 @@ import tempfile
 import time
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -171,9 +176,21 @@ def corpus_run(paths: list[Path], out: Path, workers: int, num_shards: int) -> d
             "plan_s": time.perf_counter() - t_plan}
 
 
-def corpus_section(tmp: Path, total_mb: float, files: int, workers: int, num_shards: int) -> None:
+def save_json(results: dict[str, Any], path: str | None) -> None:
+    """Write ``results`` to ``path`` (if given) atomically: never a half-written file."""
+    if path is None:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def corpus_section(tmp: Path, total_mb: float, files: int, workers: int, num_shards: int,
+                   results: dict[str, Any], json_path: str | None) -> None:
     print(f"\n4. synthetic corpus {total_mb:,.0f} MB, rules extractor on every sample, workers={workers}, "
           f"num_shards={num_shards}")
+    t0 = time.perf_counter()
     many = make_corpus(tmp / "many", total_mb, files)
     (tmp / "one").mkdir(exist_ok=True)
     with open(tmp / "one" / "all.jsonl", "wb") as f:  # the same records, concatenated
@@ -181,8 +198,16 @@ def corpus_section(tmp: Path, total_mb: float, files: int, workers: int, num_sha
             with open(p, "rb") as g:
                 shutil.copyfileobj(g, f, 1 << 24)
     layouts = {f"{files} files": many, "1 big file": [tmp / "one" / "all.jsonl"]}
+    t_base = time.perf_counter()
     base_cpu, base_tok = baseline_encode_files(layouts["1 big file"])
-    print(f"   raw encode_batch + offsets of the same texts: {base_cpu:.1f} CPU s, {base_tok:,} tokens")
+    t_end = time.perf_counter()
+    print(f"   corpus written in {t_base - t0:.1f} s; raw encode_batch + offsets of the same texts: "
+          f"{base_cpu:.1f} CPU s, {base_tok:,} tokens (wall {t_end - t_base:.1f} s with reading)")
+    corpus: dict[str, Any] = {"target_mb": total_mb, "files": files, "workers": workers,
+                              "num_shards": num_shards, "write_s": t_base - t0,
+                              "baseline_wall_s": t_end - t_base, "baseline_cpu_s": base_cpu,
+                              "baseline_tokens": base_tok, "layouts": {}}
+    results["corpus"] = corpus
     print("   layout       |  wall s |   MB/s | tokens/s   | CPU s  | CPU ratio | RSS/worker | read/input "
           "| shard tokens max/min of mean | plan s")
     for name, paths in layouts.items():
@@ -193,6 +218,9 @@ def corpus_section(tmp: Path, total_mb: float, files: int, workers: int, num_sha
               f"| {r['cpu']:6.1f} | {base_cpu / r['cpu']:9.2f} | {r['rss']:7.0f} MB "
               f"| {r['read_ratio']:10.4f} | {r['balance']:.3f} / {r['min_balance']:.3f}{'':15s} "
               f"| {r['plan_s']:.1f}")
+        corpus["layouts"][name] = {**r, "mb_per_s": r["mb"] / wall, "tokens_per_s": r["tokens"] / wall,
+                                   "cpu_ratio": base_cpu / r["cpu"]}
+        save_json(results, json_path)
         shutil.rmtree(tmp / "corpus_out", ignore_errors=True)
     for d in ("many", "one"):
         shutil.rmtree(tmp / d, ignore_errors=True)
@@ -208,12 +236,16 @@ def main() -> None:
     ap.add_argument("--corpus-files", type=int, default=8, help="files of the several-files layout")
     ap.add_argument("--only-corpus", action="store_true", help="run only the corpus section")
     ap.add_argument("--tmp", default=None, help="folder for the corpus (default: the system temp folder)")
+    ap.add_argument("--skip-scaling", action="store_true", help="skip the 1 vs 2 workers section")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the figures to this JSON file")
     a = ap.parse_args()
+    cores = os.cpu_count()
+    results: dict[str, Any] = {"args": vars(a), "cores": cores}
     if a.only_corpus:
         with tempfile.TemporaryDirectory(dir=a.tmp) as tmp_s:
-            corpus_section(Path(tmp_s), a.corpus_mb, a.corpus_files, a.workers, 2 * a.workers)
+            corpus_section(Path(tmp_s), a.corpus_mb, a.corpus_files, a.workers, 2 * a.workers,
+                           results, a.json)
         return
-    cores = os.cpu_count()
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         data = tmp / "in.jsonl"
@@ -236,12 +268,18 @@ def main() -> None:
         print("   CPU ratio = encode CPU-s / pipeline CPU-s (shard tasks), robust to other load")
         print(f"   raw tokenizers encode_batch + offsets : {n_tok / b_wall:10,.0f} tokens/s  "
               f"wall {b_wall:6.2f} s  CPU {b_cpu:6.2f} s")
+        throughput: dict[str, Any] = {"records": a.records, "workers": a.workers, "num_shards": shards,
+                                      "reps": a.reps, "tokens": n_tok,
+                                      "base": {"wall_s": b_wall, "cpu_s": b_cpu}}
         for key, name in (("rules", "pipeline, rules extractor, 100 %"), ("none", "pipeline, none extractor"),
                           ("frac", "pipeline, rules, code 10 % math 50 %")):
             w = min(r[0] for r in runs[key])
             c = min(r[1] for r in runs[key])
             print(f"   {name:38s}: {n_tok / w:10,.0f} tokens/s  wall {w:6.2f} s  CPU {c:6.2f} s  "
                   f"ratio wall {b_wall / w:.2f}  CPU {b_cpu / c:.2f}")
+            throughput[key] = {"wall_s": w, "cpu_s": c, "ratio_wall": b_wall / w, "ratio_cpu": b_cpu / c}
+        results["throughput"] = throughput
+        save_json(results, a.json)
 
         if not a.skip_memory:
             small = tmp / "small.jsonl"
@@ -253,13 +291,19 @@ def main() -> None:
             r10, w10 = peak_rss_mb(big, tmp / "m10")
             print(f"\n2. peak RSS, one process: {n_small:,} records {r1:.0f} MB ({w1:.1f} s); "
                   f"{10 * n_small:,} records {r10:.0f} MB ({w10:.1f} s); ratio {r10 / r1:.2f}")
+            results["memory"] = {"records": [n_small, 10 * n_small], "peak_rss_mb": [r1, r10],
+                                 "wall_s": [w1, w10]}
+            save_json(results, a.json)
 
-        w1 = min(pipeline_run(data, tmp / "o", 1, 4)[0] for _ in range(max(1, a.reps - 1)))
-        w2 = min(pipeline_run(data, tmp / "o", 2, 4)[0] for _ in range(max(1, a.reps - 1)))
-        print(f"\n3. scaling (num_shards=4): 1 worker {w1:.2f} s, 2 workers {w2:.2f} s, "
-              f"speed-up {w1 / w2:.2f}x")
+        if not a.skip_scaling:
+            w1 = min(pipeline_run(data, tmp / "o", 1, 4)[0] for _ in range(max(1, a.reps - 1)))
+            w2 = min(pipeline_run(data, tmp / "o", 2, 4)[0] for _ in range(max(1, a.reps - 1)))
+            print(f"\n3. scaling (num_shards=4): 1 worker {w1:.2f} s, 2 workers {w2:.2f} s, "
+                  f"speed-up {w1 / w2:.2f}x")
+            results["scaling"] = {"num_shards": 4, "wall_s_1_worker": w1, "wall_s_2_workers": w2}
+            save_json(results, a.json)
         if a.corpus_mb:
-            corpus_section(tmp, a.corpus_mb, a.corpus_files, a.workers, shards)
+            corpus_section(tmp, a.corpus_mb, a.corpus_files, a.workers, shards, results, a.json)
 
 
 if __name__ == "__main__":
