@@ -68,8 +68,8 @@ class RowLayout:
             raise ValueError("RowLayout: the 'full' layout (clean=False) has one view and keeps every block")
         n_blocks = -(-self.length // self.block_size)
         if self.clean_blocks is not None and not (self.clean and 0 <= self.clean_blocks <= n_blocks):
-            raise ValueError(f"RowLayout: clean_blocks {self.clean_blocks} needs the block layout and must be "
-                             f"in [0, {n_blocks}]")
+            raise ValueError(f"RowLayout: clean_blocks {self.clean_blocks} needs the block layout and must "
+                             f"be in [0, {n_blocks}]")
         if self.kept is not None and (list(self.kept) != sorted(set(self.kept))
                                       or any(not 0 <= b < n_blocks for b in self.kept)):
             raise ValueError(f"RowLayout: kept blocks {self.kept} must be distinct, ascending, "
@@ -203,9 +203,8 @@ class PackedRows:
     rows: tuple[RowLayout, ...]
 
     def __post_init__(self) -> None:
-        first = self.rows[0] if self.rows else None
-        if first is None or any((r.views, r.block_size, r.clean, r.length) !=
-                                (first.views, first.block_size, first.clean, first.length) for r in self.rows):
+        shapes = {(r.views, r.block_size, r.clean, r.length) for r in self.rows}
+        if len(shapes) != 1:
             raise ValueError("PackedRows: one or more rows sharing views, block_size, clean and length")
 
     @property
