@@ -153,7 +153,7 @@ def test_layout_masks_agree() -> None:
     assert torch.equal(trimmed, m[:2 * n + 16, :2 * n + 16])
     assert torch.equal(block_mask_to_dense(packed.block_mask("cpu", tile=16))[0, 0], pm)
     x = torch.arange(2 * length).view(2, length)
-    want = torch.cat([x[1, 20:24], -x[1, 20:24], x[1, :20] + 100])  # sample 1: block 5 in both views, clean 0-4
+    want = torch.cat([x[1, 20:24], -x[1, 20:24], x[1, :20] + 100])  # sample 1: block 5 twice, clean 0-4
     assert r1 == 2 * 4 + 20 and torch.equal(packed.pack([x, -x], x + 100)[0, r0:], want)
     full = RowLayout(length, 4, clean=False)
     assert full.dense_mask().all() and full.width == length

@@ -82,7 +82,8 @@ def _check_choices(layout: str, attn_backend: str, packing: str) -> None:
         raise ValueError(f"packing: {packing!r} is not one of {PACKINGS}")
 
 
-def layout_inputs(row: RowLayout | PackedRows, ids: Tensor, attn_backend: AttnBackend, live: Tensor | None = None) -> dict:
+def layout_inputs(row: RowLayout | PackedRows, ids: Tensor, attn_backend: AttnBackend,
+                  live: Tensor | None = None) -> dict:
     """``input_ids`` [R, T] laid out by ``row`` -> the model's keyword arguments (positions and mask from
     ``row``).  ``live`` [R, T]: per-row query columns for flex (the others' tiles are skipped)."""
     r, width = ids.shape
