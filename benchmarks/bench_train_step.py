@@ -16,6 +16,8 @@ optimizer step (forward, backward, AdamW) each of:
   ``objective.attn_backend=auto`` picks it: block-sparse SDPA on CPU, flex on a GPU);
 * the default with each cut off in turn (the sparse attention too: dense SDPA instead), and the
   reference with all cuts off;
+* the default with ``model.activation_checkpointing=selective`` (matmul and attention outputs kept,
+  the rest recomputed in the backward), and AR SFT with the same, for a like-for-like memory figure;
 * ``AR SFT``: plain autoregressive SFT: a causal mask, logits at every position, next-token
   cross-entropy on the response tokens (prompt labels ignored), as ``model(..., labels=)`` does.
 
@@ -57,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from trainer.attention import BLOCK_SPARSE_SDPA  # noqa: E402
 from trainer.masking import MaskingConfig  # noqa: E402
-from trainer.modeling import call_model, family_of  # noqa: E402
+from trainer.modeling import call_model, enable_activation_checkpointing, family_of  # noqa: E402
 from trainer.objective import make_training_batch  # noqa: E402
 
 SCALE_100M = {  # the fixture configs scaled up to ~100 M parameters (their 4k vocabulary kept)
@@ -266,8 +268,16 @@ def variants(layout: str, device: torch.device) -> dict[str, dict | None]:
                                                                                      "attn_backend": "sdpa"}
     out["reference (all cuts off)"] = {**default, **{k: off for k, (off, _) in CUTS.items()},
                                        "attn_backend": "sdpa"}
+    out["default + selective recompute"] = {**default, "recompute": "selective"}
     out["AR SFT"] = None
+    out["AR SFT + selective recompute"] = {"ar": True, "recompute": "selective"}
     return out
+
+
+def set_recompute(model: torch.nn.Module, mode: str) -> None:
+    """``model.activation_checkpointing`` as the trainer applies it ('none' turns it off again)."""
+    model.gradient_checkpointing_disable()
+    enable_activation_checkpointing(model, mode)
 
 
 def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.device) -> dict:
@@ -288,8 +298,9 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
+            set_recompute(m.model, (opts or {}).get("recompute", "none"))
             with PeakMemory(device) as mem:  # forward + backward (the optimizer's peak is the same for all)
-                loss = (ar_step(m, batch) if opts is None
+                loss = (ar_step(m, batch) if opts is None or opts.get("ar")
                         else diffusion_step(m, batch, opts, rep))
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -132,15 +132,6 @@ def test_layout_masks_agree() -> None:
         assert torch.equal(m[cols][:, cols], sub)  # each view is the one-view row
     valid = torch.ones(1, length, dtype=torch.bool)
     assert torch.equal(block_causal_mask(valid, 4)[0, 0], m[clean, clean])  # decoding = the clean half
-    live = torch.ones(2, shared.width, dtype=torch.bool)
-    live[1, :4] = False  # row 1: its first noisy block of view 0 is dead
-    bm = shared.block_mask("cpu", live, tile=16)
-    w = shared.width
-    tiles = bm.to_dense().bool().repeat_interleave(16, 2).repeat_interleave(16, 3)[..., :w, :w]
-    idx = torch.arange(shared.width)
-    for b in range(2):  # what flex computes for row b: the visited tiles, element by element
-        got = tiles[b, 0] & bm.mask_mod(torch.tensor(b), torch.tensor(0), idx[:, None], idx[None, :])
-        assert torch.equal(got, m & live[b, :, None])
     assert torch.equal(block_mask_to_dense(shared.block_mask("cpu", tile=16))[0, 0], m)
     packed = PackedRows((RowLayout(length, 4, views=2, kept=(1, 2, 4), clean_blocks=4),
                          RowLayout(length, 4, views=2, kept=(5,), clean_blocks=5)))
@@ -220,3 +211,40 @@ def test_families_masked_head_and_sparse_attention(family: str) -> None:
     torch.testing.assert_close(masked, ref[tb.picked[noisy]], rtol=1e-4, atol=1e-5)
     if family == "dream":  # token 0 is masked in one of the two views (rows 0 and 2)
         assert tb.picked[:, 0].any()
+
+
+@pytest.mark.parametrize("family", ["tiny", "llada2"])
+def test_activation_checkpointing_keeps_loss_and_gradients(family: str) -> None:
+    """'selective' (matmul and attention outputs kept, the rest recomputed) and 'full' recomputation give
+    the loss and gradients of the plain step (the MoE family too)."""
+    from transformers import AutoModelForCausalLM
+
+    import trainer.models.llada2  # noqa: F401 - registers the family
+    from trainer.modeling import enable_activation_checkpointing
+
+    results = {}
+    for mode in ("none", "selective", "full"):
+        if family == "tiny":
+            model, mask_id = _model(BLOCK_SPARSE_SDPA), MASK_ID
+        else:
+            model = AutoModelForCausalLM.from_pretrained(FIXTURES / family,
+                                                         attn_implementation=BLOCK_SPARSE_SDPA)
+            mask_id = int(getattr(model.config, "mask_token_id", None) or model.config.vocab_size - 1)
+        model.train()
+        enable_activation_checkpointing(model, mode)
+        data = _batch()
+        data["input_ids"] = data["input_ids"] % (model.config.vocab_size - 3) + 3
+        tb = make_training_batch(data, MaskingConfig(block_size=BLOCK), mask_id,
+                                 torch.Generator().manual_seed(1), **DEFAULT)
+        loss = tb.loss(call_model(model, **tb.model_inputs, keep=tb.keep)).loss
+        loss.backward()
+        results[mode] = (loss.detach(), [p.grad for p in model.parameters() if p.grad is not None])
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        enable_activation_checkpointing(model, "some")
+    ref_loss, ref_grads = results["none"]
+    for mode in ("selective", "full"):
+        loss, grads = results[mode]
+        assert len(grads) == len(ref_grads)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=mode)

@@ -69,9 +69,11 @@ def test_two_rank_zero3_run_resume_export(tmp_path):
     assert model.config.model_type == "tiny_dllm"
     assert json.loads((out1 / "samples.json").read_text())[0]["prompt"].startswith("Write a python")
 
-    # Resume the 2-rank run from its step-2 checkpoint elsewhere: steps 3-4 must repeat exactly.
+    # Resume the 2-rank run from its step-2 checkpoint elsewhere: steps 3-4 must repeat exactly, also with
+    # full activation recomputation (under ZeRO-3 the recompute gathers the weights again).
     p2 = run(deepspeed_cmd(*common, "--checkpoint.output_dir", str(out2), "--checkpoint.resume",
-                           str(ck / "step_2"), "--checkpoint.export_hf", "false"), cwd=tmp_path)
+                           str(ck / "step_2"), "--checkpoint.export_hf", "false",
+                           "--model.activation_checkpointing", "full"), cwd=tmp_path)
     assert "at step 2" in p2.stdout
     resumed = {r["step"]: r["loss"] for r in read_metrics(out2 / "metrics.jsonl")}
     assert sorted(resumed) == [3, 4]
@@ -154,10 +156,10 @@ def test_attn_backend_selection():
 
 
 def test_flex_backend_gives_the_sdpa_loss():
-    """The trainer's flex path (model loaded with flex_attention, BlockMask inputs, LM head on the noisy
-    half) gives the sdpa loss on the same masked batches.  Forward only: flex has no CPU backward;
-    flex compiles through inductor on CPU (~5-15 s).  Compiled state is reset first: after other tests
-    compiled flex at other shapes, dynamo recompiles with dynamic shapes, and torch 2.13's CPU flex
+    """The trainer's flex path (model loaded with flex_attention, the rows packed into one row with a
+    BlockMask, masked-only LM head) gives the sdpa loss on the same masked batches.  Forward only: flex
+    has no CPU backward; flex compiles through inductor on CPU (~5-15 s).  Compiled state is reset first:
+    after other tests compiled flex at other shapes, dynamo recompiles with dynamic shapes, and torch 2.13's CPU flex
     template then emits C++ that does not compile (``cur_kvSplitSize8`` undeclared)."""
     from trainer.components import attn_implementation_for
     from trainer.masking import MaskingConfig
@@ -175,6 +177,7 @@ def test_flex_backend_gives_the_sdpa_loss():
             ids = torch.randint(2, 4000, (2, 64), generator=g)
             sup = torch.ones(2, 64, dtype=torch.bool)
             sup[:, :8] = False
+            sup[1, :40] = False  # row 1 keeps blocks 2-3 only: flex packs the rows into one, [1, T]
             dense = torch.rand(2, 64, generator=g) < 0.3
             tb = make_training_batch({"input_ids": ids, "supervised": sup, "dense": dense},
                                      MaskingConfig(block_size=16), 1, g, attn_backend=backend)

@@ -128,29 +128,16 @@ class RowLayout:
         """[T, T] bool, True = may attend (add [None, None] for SDPA); cached per layout and device."""
         return _dense_mask(self, torch.device(device or "cpu"))
 
-    def block_mask(self, device: torch.device | str | None = None, live: Tensor | None = None, *,
-                   tile: int = 128):
-        """Flex-attention ``BlockMask`` of the row.
-
-        ``live`` [B, T] bool (optional): columns whose queries are computed, per row; a noisy block with
-        no maskable token in its row is left dead, so flex skips its tiles (it feeds nothing: its keys
-        are read by its own queries only).  Without ``live`` the mask broadcasts over the batch.
-        """
+    def block_mask(self, device: torch.device | str | None = None, *, tile: int = 128):
+        """Flex-attention ``BlockMask`` of the row, broadcast over batch and heads."""
         from torch.nn.attention.flex_attention import create_block_mask
 
         dev = torch.device(device or "cpu")
         seg, pos = self.tables(dev)
-        if live is None:
-            def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex passes scalar tensors
-                return self.rule(q_idx, kv_idx, seg, pos)
-            batch = None
-        else:
-            live = live.to(dev)
 
-            def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202
-                return live[b, q_idx] & self.rule(q_idx, kv_idx, seg, pos)
-            batch = live.shape[0]
-        return create_block_mask(mask_mod, batch, None, self.width, self.width, device=dev, BLOCK_SIZE=tile)
+        def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001, ANN202 - flex passes scalar tensors
+            return self.rule(q_idx, kv_idx, seg, pos)
+        return create_block_mask(mask_mod, None, None, self.width, self.width, device=dev, BLOCK_SIZE=tile)
 
     def pack(self, noisy: list[Tensor], clean: Tensor | None) -> Tensor:
         """Per-view [B, L] noisy ids (and [B, L] x_0 for the block layout) -> the row's [B, T] ids."""

@@ -11,7 +11,8 @@ One training step in these terms (``make_training_batch``, ``call_model(..., kee
    ``trainer.layout.RowLayout`` (ids, positions and the mask all derive from it): 'block' =
    [x_t(M) ; x_t(S \\ M) ; x_0] per sample (``packing='shared'``, the default: the clean half is the
    same for both views) or [x_t ; x_0] per view (``packing='rows'``, ``build_model_inputs``, the
-   reference), noisy blocks no row can mask left out (``skip_blocks``); 'full' = x_t alone with
+   reference), noisy blocks no row can mask left out (``skip_blocks``; per sample, all samples packed
+   into one row, with the block-sparse backends); 'full' = x_t alone with
    all-to-all attention.
 4. The loss: cross-entropy at the masked positions (the LM head runs on those only with
    ``masked_head``); logits at position i predict token i (no shift).  Two weightings:
@@ -82,20 +83,17 @@ def _check_choices(layout: str, attn_backend: str, packing: str) -> None:
         raise ValueError(f"packing: {packing!r} is not one of {PACKINGS}")
 
 
-def layout_inputs(row: RowLayout | PackedRows, ids: Tensor, attn_backend: AttnBackend,
-                  live: Tensor | None = None) -> dict:
+def layout_inputs(row: RowLayout | PackedRows, ids: Tensor, attn_backend: AttnBackend) -> dict:
     """``input_ids`` [R, T] laid out by ``row`` -> the model's keyword arguments (positions and mask from
-    ``row``).  ``live`` [R, T]: per-row query columns for flex (the others' tiles are skipped)."""
+    ``row``)."""
     r, width = ids.shape
     if width != row.width:
         raise ValueError(f"layout_inputs: ids have {width} columns, the layout {row.width}")
     position_ids = row.positions(ids.device)[None].expand(r, width)
     if attn_backend != "flex":
         attn = row.dense_mask(ids.device)[None, None]  # [1, 1, T, T], shared (read-only)
-    elif live is None:
-        attn = _flex_mask(row, ids.device)
     else:
-        attn = row.block_mask(ids.device, live)
+        attn = _flex_mask(row, ids.device)
     return {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids}
 
 
@@ -287,9 +285,10 @@ def make_training_batch(batch: dict, cfg: MaskingConfig, mask_token_id: int,
     With ``cfg.complementary`` both views are in the same micro-batch and share one forward/backward,
     as the paper prescribes: with ``packing='shared'`` (block layout) one row per sample,
     [x_t(M) ; x_t(S minus M) ; x_0], else one row per view (2B rows).  ``skip_blocks``: leave out the
-    noisy blocks no row can mask (on flex, per row through the BlockMask instead, so the shape and
-    the compiled kernel stay fixed).  ``masked_head``: ``keep`` asks for the masked columns' logits
-    only; else for every noisy column.
+    noisy blocks a sample cannot mask and the clean blocks no kept block reads; with the block-sparse
+    backends ('sparse', 'flex') each sample keeps its own blocks and all rows are packed end to end
+    into one ([1, T], ``trainer.layout.PackedRows``), with dense 'sdpa' the blocks some row keeps.
+    ``masked_head``: ``keep`` asks for the masked columns' logits only; else for every noisy column.
     """
     for key in ("input_ids", "supervised", "dense"):
         if key not in batch:
@@ -307,15 +306,15 @@ def make_training_batch(batch: dict, cfg: MaskingConfig, mask_token_id: int,
     shared = block and n_views == 2 and packing == "shared"
     views = 2 if shared else 1
     row: RowLayout | PackedRows
-    if block and skip_blocks and attn_backend == "sparse":  # each sample its own kept blocks, end to end
+    if block and skip_blocks and attn_backend != "sdpa":  # each sample its own kept blocks, end to end
         per_sample = [kept_blocks(sup[i:i + 1], cfg.block_size) for i in range(b)]
         layouts = [RowLayout(length, cfg.block_size, views=views, kept=k, clean_blocks=clean_blocks_read(k))
                    for k in per_sample]
         row = PackedRows(tuple(layouts * (n_views // views)))
-    elif block and skip_blocks and attn_backend == "sdpa":  # one layout for the batch: what all rows keep
-        kept = kept_blocks(sup, cfg.block_size)
+    elif block and skip_blocks:  # dense SDPA would compute every score of a packed row: one layout for the
+        kept = kept_blocks(sup, cfg.block_size)  # batch, the blocks some row keeps
         row = RowLayout(length, cfg.block_size, views=views, kept=kept, clean_blocks=clean_blocks_read(kept))
-    else:  # flex skips per row through its BlockMask; fixed shapes keep one compiled kernel
+    else:
         row = RowLayout(length, cfg.block_size, views=views, clean=block)
     x_ts = [torch.where(m, torch.full_like(ids, mask_token_id), ids) for m in masks]
     if shared:
@@ -333,12 +332,5 @@ def make_training_batch(batch: dict, cfg: MaskingConfig, mask_token_id: int,
                        sample=sample)
     tb.picked = tb.columns(mask & sup2)
     tb.keep = tb.picked if masked_head else tb.columns(torch.ones_like(mask))  # masked / every noisy column
-    live = None
-    if block and skip_blocks and attn_backend == "flex":  # per row: noisy blocks with a maskable token
-        n_blocks = -(-length // cfg.block_size)
-        pad = n_blocks * cfg.block_size - length
-        has = F.pad(sup2, (0, pad)).view(-1, n_blocks, cfg.block_size).any(2)  # [R, n_blocks]
-        tok = has.repeat_interleave(cfg.block_size, dim=1)[:, :length]  # [R, L]
-        live = tb.columns(tok) | (torch.arange(row.width, device=ids.device) >= row.views * row.noisy_width)
-    tb.model_inputs = layout_inputs(row, row_ids, attn_backend, live)
+    tb.model_inputs = layout_inputs(row, row_ids, attn_backend)
     return tb
