@@ -159,8 +159,8 @@ def test_flex_backend_gives_the_sdpa_loss():
     """The trainer's flex path (model loaded with flex_attention, the rows packed into one row with a
     BlockMask, masked-only LM head) gives the sdpa loss on the same masked batches.  Forward only: flex
     has no CPU backward; flex compiles through inductor on CPU (~5-15 s).  Compiled state is reset first:
-    after other tests compiled flex at other shapes, dynamo recompiles with dynamic shapes, and torch 2.13's CPU flex
-    template then emits C++ that does not compile (``cur_kvSplitSize8`` undeclared)."""
+    after other tests compiled flex at other shapes, dynamo recompiles with dynamic shapes, and torch
+    2.13's CPU flex template then emits C++ that does not compile (``cur_kvSplitSize8`` undeclared)."""
     from trainer.components import attn_implementation_for
     from trainer.masking import MaskingConfig
     from trainer.modeling import call_model, load_model
