@@ -293,15 +293,24 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
     cpu: dict[str, list[float]] = {k: [] for k in runs}  # process CPU time: less sensitive to other load
     peaks: dict[str, list[float]] = {k: [] for k in runs}
     losses: dict[str, float] = {}
+    failed: dict[str, str] = {}
     for rep in range(args.warmup + args.reps):
         for name, opts in runs.items():
+            if name in failed:
+                continue
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
-            set_recompute(m.model, (opts or {}).get("recompute", "none"))
-            with PeakMemory(device) as mem:  # forward + backward (the optimizer's peak is the same for all)
-                loss = (ar_step(m, batch) if opts is None or opts.get("ar")
-                        else diffusion_step(m, batch, opts, rep))
+            try:
+                set_recompute(m.model, (opts or {}).get("recompute", "none"))
+                with PeakMemory(device) as mem:  # forward + backward (the optimizer's is the same for all)
+                    loss = (ar_step(m, batch) if opts is None or opts.get("ar")
+                            else diffusion_step(m, batch, opts, rep))
+            except Exception as e:  # noqa: BLE001 - one variant's failure (e.g. a kernel this device lacks)
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"  # must not lose the rest
+                print(f"  [{m.name}] {name} failed: {failed[name]}", file=sys.stderr, flush=True)
+                m.model.zero_grad(set_to_none=True)
+                continue
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -316,12 +325,16 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
                 losses[name] = float(loss.detach())
     n_resp = int(batch["supervised"].sum())
     out = {}
-    for name in runs:
+    for name in (n for n in runs if n not in failed):
         t, p = statistics.median(times[name]), statistics.median(peaks[name])
         out[name] = {"s_per_step": t, "cpu_s_per_step": statistics.median(cpu[name]),
                      "response_tokens_per_s": n_resp / t, "peak_mib": p / 2**20}
     ar = out["AR SFT"]
+    for name, why in failed.items():
+        out[name] = {"failed": why}
     for r in out.values():
+        if "failed" in r:
+            continue
         r["time_vs_ar"] = r["s_per_step"] / ar["s_per_step"]
         r["cpu_vs_ar"] = r["cpu_s_per_step"] / ar["cpu_s_per_step"]
         r["mem_vs_ar"] = r["peak_mib"] / max(ar["peak_mib"], 1e-9)
@@ -369,12 +382,17 @@ def main() -> None:
         print(f"{'variant':<36}{'s/step':>9}{'CPU s':>8}{'resp tok/s':>12}{'peak MiB':>10}{'time/AR':>9}"
               f"{'CPU/AR':>8}{'mem/AR':>8}")
         for vname, r in res.items():
+            if "failed" in r:
+                print(f"{vname:<36} failed: {r['failed']}")
+                continue
             print(f"{vname:<36}{r['s_per_step']:>9.3f}{r['cpu_s_per_step']:>8.2f}"
                   f"{r['response_tokens_per_s']:>12.0f}{r['peak_mib']:>10.0f}"
                   f"{r['time_vs_ar']:>8.2f}x{r['cpu_vs_ar']:>7.2f}x{r['mem_vs_ar']:>7.2f}x")
+        rate = {k: f"{f / res[k]['s_per_step'] / 1e9:.1f}" if "s_per_step" in res[k] else "-"
+                for k, f in (("default", method), ("AR SFT", ar))}
         print(f"FLOP floor (fwd+bwd): method {method / 1e9:.1f} GFLOP, AR {ar / 1e9:.1f} GFLOP "
-              f"= {method / ar:.2f}x AR; default step at {method / res['default']['s_per_step'] / 1e9:.1f} "
-              f"GFLOP/s of floor work, AR at {ar / res['AR SFT']['s_per_step'] / 1e9:.1f}")
+              f"= {method / ar:.2f}x AR; default step at {rate['default']} GFLOP/s of floor work, "
+              f"AR at {rate['AR SFT']}")
         results[name] = {"params": n_params, "family": family, "layout": m.layout, "batch": args.batch,
                          "length": args.length, "response_tokens": n_resp, "device": str(device),
                          "threads": torch.get_num_threads(), "flop_floor": method, "ar_flop_floor": ar,
