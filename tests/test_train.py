@@ -47,10 +47,13 @@ def test_two_rank_zero3_run_resume_export(tmp_path):
     data, out1, out2 = tmp_path / "cache" / "sample-rules", tmp_path / "run1", tmp_path / "run2"
     common = ["--train.max_steps", "4", "--train.save_every", "2",
               "--data.max_length", "128", "--metrics.tensorboard", "false"]
-    p = run(deepspeed_cmd(*common, "--checkpoint.output_dir", str(out1), "--train.sample_prompts",
-                          '["Write a python function to add two numbers."]',
-                          "--train.sample_max_new_tokens", "32"), cwd=tmp_path)
+    cmd = deepspeed_cmd(*common, "--checkpoint.output_dir", str(out1), "--train.sample_prompts",
+                        '["Write a python function to add two numbers."]',
+                        "--train.sample_max_new_tokens", "32")
+    p = run(cmd, cwd=tmp_path)
     log = p.stdout + p.stderr
+    port = cmd[cmd.index("--master_port") + 1]  # DeepSpeed's CPU all-reduce segments are released
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert "preprocessing the bundled sample" in log and (data / "index.json").is_file()
     assert "ZeRO-3 | 2 rank(s) on cpu | fp32" in log
     assert log.count("[train] tiny (") == 1  # rank 0 alone reports

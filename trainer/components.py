@@ -7,6 +7,7 @@ Configuration problems found here raise :class:`trainer.config.ConfigError` nami
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,6 +50,22 @@ def init_distributed() -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                auto_mpi_discovery=False, verbose=False)
+
+
+def release_shm_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce segment from /dev/shm.
+
+    DeepSpeed's shared-memory all-reduce for CPU ranks (``deepspeed/ops/csrc/cpu/comm/shm.cpp``) creates
+    one 66 MiB segment per rank, ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``,
+    and never unlinks it: every CPU run used to leave its ranks' segments in RAM (/dev/shm is memory)
+    until reboot.  Every rank mapped every peer's segment when the group formed, so removing the name
+    at the end of the run is safe; the memory goes when the last rank exits.  No-op where there is no
+    such segment (GPU ranks communicate through NCCL).
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)
 
 
 def select_device(world: int) -> torch.device:

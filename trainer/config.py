@@ -84,7 +84,8 @@ class DataConfig:
     overflow: str = "truncate"
     """Samples longer than max_length: 'truncate' keeps the first max_length tokens (the prompt and the
     start of the response; the EOS is lost), 'drop' removes them from the epoch (counted, logged).
-    There is no packing: bidirectional attention would let packed samples see each other."""
+    Samples are never concatenated here (bidirectional attention would let them see each other); the
+    block-sparse step packs its rows itself with a mask that keeps samples apart (trainer.layout)."""
     pad_to: str = "batch"
     """Pad each micro-batch to its longest sample rounded up to a block ('batch'), or always to
     max_length ('max_length': fixed shapes, for compiled/GPU runs).  Padding is EOS and supervised."""

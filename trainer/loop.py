@@ -336,5 +336,6 @@ class Trainer:
             if barrier:
                 with contextlib.suppress(Exception):
                     dist.barrier()
+            parts.release_shm_buffer()
             dist.destroy_process_group()
         sys.stdout.flush()
