@@ -13,7 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.attention import BLOCK_SPARSE_SDPA, block_diffusion_mask, block_mask_to_dense, block_sparse_sdpa
+from trainer.attention import (
+    BLOCK_SPARSE_SDPA,
+    _coarsen,
+    block_diffusion_mask,
+    block_mask_to_dense,
+    block_sparse_sdpa,
+    tile_maps,
+)
 from trainer.layout import PackedRows, RowLayout, block_causal_mask, kept_blocks
 from trainer.masking import MaskingConfig
 from trainer.modeling import call_model
@@ -142,7 +149,13 @@ def test_layout_masks_agree() -> None:
         assert torch.equal(packed.positions()[lo:hi], packed.rows[i].positions())
     trimmed = packed.rows[0].dense_mask()  # clean blocks 0-3 kept: the untrimmed row restricted to them
     assert torch.equal(trimmed, m[:2 * n + 16, :2 * n + 16])
-    assert torch.equal(block_mask_to_dense(packed.block_mask("cpu", tile=16))[0, 0], pm)
+    assert torch.equal(block_mask_to_dense(packed.block_mask("cpu", tile=16))[0, 0], pm)  # flex: the rule
+    seg, pos, sample = packed.tables()
+    idx = torch.arange(packed.width)
+    assert torch.equal(packed.rule(idx[:, None], idx[None, :], seg, pos, sample), pm)
+    for tile, n in ((4, 2), (4, 3), (8, 4)):  # the block-sparse plan's coarser tiles from the finer maps
+        for got, want in zip(_coarsen(tile_maps(pm, tile), n), tile_maps(pm, n * tile)):
+            assert torch.equal(got, want)
     x = torch.arange(2 * length).view(2, length)
     want = torch.cat([x[1, 20:24], -x[1, 20:24], x[1, :20] + 100])  # sample 1: block 5 twice, clean 0-4
     assert r1 == 2 * 4 + 20 and torch.equal(packed.pack([x, -x], x + 100)[0, r0:], want)

@@ -147,21 +147,41 @@ class _Chunk:
         return self.bias is not None
 
 
-def sparse_plan(mask: Tensor, tile: int) -> list[_Chunk]:
+def tile_maps(mask: Tensor, tile: int) -> tuple[Tensor, Tensor]:
+    """[B|1, H|1, Q, K] bool mask -> ([nq, nk] any, [nq, nk] all) over (rows, heads, tile x tile)."""
+    q_len, k_len = mask.shape[-2:]
+    nq, nk = -(-q_len // tile), -(-k_len // tile)
+    m = mask.reshape(-1, q_len, k_len)
+    m_any, m_all = (m[0], m[0]) if m.shape[0] == 1 else (m.any(0), m.all(0))
+    pad = (0, nk * tile - k_len, 0, nq * tile - q_len)
+    any_t = F.pad(m_any, pad).view(nq, tile, nk, tile).any(dim=(1, 3))  # [nq, nk]
+    # Padding counts as allowed for the all-test (it is sliced away), as not visited for the any-test.
+    all_t = F.pad(m_all, pad, value=True).view(nq, tile, nk, tile).all(dim=(1, 3))
+    return any_t, all_t
+
+
+def _coarsen(maps: tuple[Tensor, Tensor], n: int) -> tuple[Tensor, Tensor]:
+    """Tile maps at tile t -> at tile n t (the same as ``tile_maps(mask, n * t)``, without the mask)."""
+    any_t, all_t = maps
+    nq, nk = any_t.shape
+    pad = (0, -nk % n, 0, -nq % n)
+    shape = (-(-nq // n), n, -(-nk // n), n)
+    return (F.pad(any_t, pad).view(shape).any(dim=(1, 3)),
+            F.pad(all_t, pad, value=True).view(shape).all(dim=(1, 3)))
+
+
+def sparse_plan(mask: Tensor, tile: int, maps: tuple[Tensor, Tensor] | None = None) -> list[_Chunk]:
     """Split a [B|1, H|1, Q, K] bool mask into query chunks with the key ranges each may see.
 
     Query and key tiles of ``tile`` columns: a key tile is read by a query tile when any (row, head,
     query, key) in it is True; consecutive query tiles with the same key tiles form one chunk.  A chunk
     needs its sub-mask only when some element inside its tiles is False (in the block-diffusion layouts
-    with ``tile`` = the block size, none does, so SDPA runs unmasked on its fused kernel).
+    with ``tile`` = the block size, none does, so SDPA runs unmasked on its fused kernel).  ``maps``: the
+    mask's :func:`tile_maps` at ``tile`` when already computed.
     """
     q_len, k_len = mask.shape[-2:]
-    nq, nk = -(-q_len // tile), -(-k_len // tile)
-    m = mask.reshape(-1, q_len, k_len)
-    pad = (0, nk * tile - k_len, 0, nq * tile - q_len)
-    any_t = F.pad(m.any(0), pad).view(nq, tile, nk, tile).any(dim=(1, 3))  # [nq, nk]
-    # Padding counts as allowed for the all-test (it is sliced away), as not visited for the any-test.
-    all_t = F.pad(m.all(0), pad, value=True).view(nq, tile, nk, tile).all(dim=(1, 3))
+    nq = -(-q_len // tile)
+    any_t, all_t = maps if maps is not None else tile_maps(mask, tile)
     any_rows, all_rows = any_t.tolist(), all_t.tolist()
     chunks: list[_Chunk] = []
     start = 0
@@ -209,7 +229,8 @@ def plan_cost(plan: list[_Chunk]) -> float:
 def choose_plan(mask: Tensor, base_tile: int) -> list[_Chunk]:
     """The cheapest ``sparse_plan`` (by :func:`plan_cost`) over tiles of 1-4 x ``base_tile``: small tiles
     skip the most scores but make many small calls; larger ones fewer calls over a masked superset."""
-    plans = [sparse_plan(mask, base_tile * n) for n in TILE_CHOICES]
+    base = tile_maps(mask, base_tile)  # one pass over the mask; the larger tiles from its tile maps
+    plans = [sparse_plan(mask, base_tile * n, base if n == 1 else _coarsen(base, n)) for n in TILE_CHOICES]
     return min(plans, key=plan_cost)
 
 

@@ -225,10 +225,15 @@ class PackedRows:
         return (sample[q] == sample[k]) & self.rows[0].rule(q, k, seg, pos)
 
     def dense_mask(self, device: torch.device | str | None = None) -> Tensor:
-        """[T, T] bool, True = may attend."""
-        seg, pos, sample = self.tables(device)
-        idx = torch.arange(self.width, device=seg.device)
-        return self.rule(idx[:, None], idx[None, :], seg, pos, sample)
+        """[T, T] bool, True = may attend: the rows' (cached) masks on the diagonal, what :meth:`rule`
+        gives without evaluating it over all T x T pairs."""
+        dev = torch.device(device or "cpu")
+        out = torch.zeros(self.width, self.width, dtype=torch.bool, device=dev)
+        at = 0
+        for r in self.rows:
+            out[at:at + r.width, at:at + r.width] = r.dense_mask(dev)
+            at += r.width
+        return out
 
     def block_mask(self, device: torch.device | str | None = None, *, tile: int = 128):
         """Flex-attention ``BlockMask`` of the packed row (batch 1)."""
