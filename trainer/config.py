@@ -130,8 +130,9 @@ class ObjectiveConfig:
     ; x_0], the clean half computed once for both views (exact: it never attends to noisy tokens);
     'rows' = one [x_t ; x_0] row per view (2B rows, the reference form)."""
     skip_prompt_blocks: bool = True
-    """Block layout: leave out the noisy blocks with no maskable token (prompt) in every row of the
-    micro-batch (on flex: per row, through the BlockMask); the loss is unchanged."""
+    """Block layout: leave out the noisy blocks with no maskable token (prompt) and the clean blocks no
+    kept noisy block reads; with the block-sparse backends (sparse, flex) per sample, the rows packed
+    into one, with dense sdpa the blocks some row of the micro-batch needs.  The loss is unchanged."""
     masked_head: bool = True
     """Run the LM head on the masked tokens only (the loss reads nothing else)."""
 

@@ -174,9 +174,10 @@ def kept_blocks(supervised: Tensor, block_size: int) -> tuple[int, ...]:
 
 
 def clean_blocks_read(kept: tuple[int, ...]) -> int:
-    """Clean blocks that the kept noisy blocks read: 0..max(kept)-1 (noisy block b reads clean blocks < b).
-    At least one, so a row that keeps no noisy block (nothing to mask) still has a column to run."""
-    return max(max(kept, default=0), 1)
+    """Clean blocks that the kept noisy blocks read: 0..max(kept)-1 (noisy block b reads clean blocks < b;
+    none for a one-block sample).  One for a row that keeps no noisy block (nothing to mask), so it still
+    has a column to run."""
+    return max(kept) if kept else 1
 
 
 @dataclass(frozen=True, slots=True)
