@@ -124,3 +124,44 @@ def test_full_layout_trains_exactly_like_the_block_layout_on_one_block_samples(t
         curves[layout] = [r[k] for r in recs if "loss" in r for k in ("loss", "loss_dense", "mask_rate")]
     assert len(curves["full"]) == 3 * 3
     assert curves["full"] == pytest.approx(curves["block"], rel=1e-4)
+
+
+def test_decoding_sees_a_problem_exactly_as_training_does(tmp_path):
+    """The held-out decoding's first model call (all answer slots masked) must be the training forward of
+    the same problem with its whole response masked: same ids, positions and visible tokens, hence the
+    same logits.  A model that scores no better on its training problems than on held-out ones (command
+    1 once did) is first checked here for a training/decoding disagreement."""
+    import torch
+
+    from preprocess.shards import ShardedDataset
+    from tasks.builtin import GEN_LENGTH, build_data
+    from trainer.config import TaskConfig
+    from trainer.data import collate
+    from trainer.generation import generate, supports_kv_cache
+    from trainer.masking import BLOCK_SIZE
+    from trainer.modeling import call_model, load_model
+    from trainer.objective import build_model_inputs
+
+    ds = ShardedDataset(build_data(TaskConfig(train_size=4), tmp_path / "chain"))
+    bundle = load_model("tiny", seed=0)
+    model = bundle.model.eval()
+    sample = ds[0]
+    batch = collate([sample.tokens], [sample.flags], max_length=256, block_size=BLOCK_SIZE,
+                    eos_id=bundle.eos_token_id)
+    sup = batch["supervised"]
+    train_in = build_model_inputs(batch["input_ids"], sup, bundle.mask_token_id, layout="full")
+    with torch.no_grad():
+        train_logits = call_model(model, **train_in)[sup]  # [n_response, V]
+
+    calls = []
+    model.register_forward_hook(lambda m, args, kwargs, out: calls.append((kwargs, out.logits.clone())),
+                                with_kwargs=True)
+    prompt = bundle.tokenizer.decode(sample.tokens[sup[0, :len(sample.tokens)].logical_not().numpy()])
+    generate(model, bundle.tokenizer, [prompt], mask_token_id=bundle.mask_token_id,
+             eos_token_id=bundle.eos_token_id, gen_length=GEN_LENGTH, block_size=BLOCK_SIZE,
+             steps_per_block=BLOCK_SIZE, use_chat_template=False, kv_cache=supports_kv_cache(model))
+    first, logits = calls[0]
+    assert first["input_ids"].tolist() == train_in["input_ids"].tolist()
+    assert first["position_ids"].tolist() == train_in["position_ids"].tolist()
+    assert bool(first["attention_mask"].all())  # one block: every token sees every other, as in training
+    assert torch.allclose(logits[0][sup[0]], train_logits, atol=1e-4)

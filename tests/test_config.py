@@ -160,5 +160,5 @@ def test_smoke_preset_does_not_follow_the_demo_tuning():
     assert (smoke.train.micro_batch_size, smoke.optim.lr, smoke.optim.warmup_ratio, smoke.data.max_length,
             smoke.train.max_steps) == (2, 1e-3, 0.03, 256, 6)
     assert (demo.train.micro_batch_size, demo.optim.lr, demo.optim.warmup_ratio, demo.data.max_length,
-            demo.train.max_steps) == (16, 3e-3, 0.05, 256, 1000)
+            demo.train.max_steps) == (16, 5e-4, 0.05, 256, 1000)
     assert smoke.masking == demo.masking and smoke.objective.layout == "block"
