@@ -55,8 +55,8 @@ class ModelConfig:
     """Override the attention backend (sdpa, eager, flex_attention); None keeps the model's."""
     activation_checkpointing: str = "none"
     """Recompute activations in the backward to save memory: 'none'; 'selective' (keep the outputs of
-    matrix products and attention, recompute norms, activation functions and the like: about a third
-    less activation memory for ~15 % more CPU step time, less on a GPU); 'full' (keep each decoder
+    matrix products and attention, recompute norms, activation functions and the like: a third less
+    step memory for 2-8 % more CPU time at 27 M, docs/training.md); 'full' (keep each decoder
     layer's input only, recompute the layer: the least memory, about one more forward)."""
 
     def __post_init__(self) -> None:
