@@ -100,10 +100,6 @@ class RowLayout:
         """Columns of the row: views x noisy width, plus the clean half's."""
         return self.views * self.noisy_width + self.clean_width
 
-    def noisy_slice(self, view: int) -> slice:
-        """The columns of noisy segment ``view``."""
-        return slice(view * self.noisy_width, (view + 1) * self.noisy_width)
-
     def tables(self, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """(seg [T], pos [T]) long: segment of each column (``views`` = clean) and its position 0..L-1."""
         return _tables(self, torch.device(device or "cpu"))
@@ -150,17 +146,6 @@ class RowLayout:
             cols = torch.as_tensor(self.noisy_columns, dtype=torch.long, device=noisy[0].device)
             parts = [x[:, cols] for x in noisy]
         return torch.cat(parts + ([clean[:, :self.clean_width]] if self.clean else []), dim=1)
-
-    def unpack_noisy(self, x: Tensor, fill: float | int | bool = 0) -> list[Tensor]:
-        """Inverse of ``pack`` for the noisy segments: [B, T, ...] -> per view [B, L, ...] (left-out blocks
-        filled with ``fill``)."""
-        cols = torch.as_tensor(self.noisy_columns, dtype=torch.long, device=x.device)
-        out = []
-        for v in range(self.views):
-            full = x.new_full((x.shape[0], self.length, *x.shape[2:]), fill)
-            full[:, cols] = x[:, self.noisy_slice(v)]
-            out.append(full)
-        return out
 
 
 def kept_blocks(supervised: Tensor, block_size: int) -> tuple[int, ...]:
