@@ -148,14 +148,20 @@ class RowLayout:
         return torch.cat(parts + ([clean[:, :self.clean_width]] if self.clean else []), dim=1)
 
 
-def kept_blocks(supervised: Tensor, block_size: int) -> tuple[int, ...]:
-    """Blocks holding a maskable token in some row of ``supervised`` [R, L] (the others are prompt in
-    every row: no token of theirs is ever masked, so they feed no loss)."""
+def kept_blocks_per_row(supervised: Tensor, block_size: int) -> list[tuple[int, ...]]:
+    """For each row of ``supervised`` [R, L], the blocks holding a maskable token (the others are prompt:
+    no token of theirs is ever masked, so they feed no loss).  One pass, one host transfer."""
     r, length = supervised.shape
     n_blocks = -(-length // block_size)
     padded = torch.nn.functional.pad(supervised.bool(), (0, n_blocks * block_size - length))
-    any_sup = padded.view(r, n_blocks, block_size).any(dim=(0, 2))  # [n_blocks]
-    return tuple(int(b) for b in any_sup.nonzero()[:, 0].tolist())
+    has = padded.view(r, n_blocks, block_size).any(dim=2).tolist()  # [R][n_blocks]
+    return [tuple(b for b, h in enumerate(row) if h) for row in has]
+
+
+def kept_blocks(supervised: Tensor, block_size: int) -> tuple[int, ...]:
+    """Blocks holding a maskable token in some row of ``supervised`` [R, L] (the others are prompt in
+    every row)."""
+    return tuple(sorted(set().union(*kept_blocks_per_row(supervised, block_size))))
 
 
 def clean_blocks_read(kept: tuple[int, ...]) -> int:

@@ -159,8 +159,10 @@ def enable_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
     """Recompute activations of every decoder layer in the backward (``mode`` in ACTIVATION_CHECKPOINTING).
 
     Through transformers' ``gradient_checkpointing_enable`` (every family's decoder layer is a
-    ``GradientCheckpointingLayer``), non-reentrant: works under ZeRO-3 (the recompute gathers the
-    partitioned weights again through the same module hooks) and with frozen weights (LoRA).
+    ``GradientCheckpointingLayer``), non-reentrant, so frozen weights (LoRA) work.  'full' works under
+    ZeRO-3 (the recompute gathers the partitioned weights again through the same module hooks);
+    'selective' does not (its recompute must replay the forward's ops one for one, and ZeRO-3's second
+    gather differs), so ``trainer.components.load_for_training`` refuses that combination.
     """
     if mode not in ACTIVATION_CHECKPOINTING:
         raise ValueError(f"activation checkpointing: {mode!r} is not one of {ACTIVATION_CHECKPOINTING}")

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainer.layout import PackedRows, RowLayout, clean_blocks_read, kept_blocks
+from trainer.layout import PackedRows, RowLayout, clean_blocks_read, kept_blocks, kept_blocks_per_row
 from trainer.masking import BLOCK_SIZE, MaskingConfig, MaskSample, per_token_rate, sample_masks
 
 Layout = Literal["block", "full"]
@@ -297,7 +297,7 @@ def make_training_batch(batch: dict, cfg: MaskingConfig, mask_token_id: int,
     ids = batch["input_ids"]
     sup = batch["supervised"].bool()
     dense = batch["dense"].bool()
-    b, length = ids.shape
+    length = ids.shape[1]
     sample = sample_masks(sup, dense, cfg, generator)
     t = per_token_rate(sample.sigma, length, cfg.block_size)
     masks = [sample.mask] if sample.complement is None else [sample.mask, sample.complement]
@@ -307,7 +307,7 @@ def make_training_batch(batch: dict, cfg: MaskingConfig, mask_token_id: int,
     views = 2 if shared else 1
     row: RowLayout | PackedRows
     if block and skip_blocks and attn_backend != "sdpa":  # each sample its own kept blocks, end to end
-        per_sample = [kept_blocks(sup[i:i + 1], cfg.block_size) for i in range(b)]
+        per_sample = kept_blocks_per_row(sup, cfg.block_size)
         layouts = [RowLayout(length, cfg.block_size, views=views, kept=k, clean_blocks=clean_blocks_read(k))
                    for k in per_sample]
         row = PackedRows(tuple(layouts * (n_views // views)))
