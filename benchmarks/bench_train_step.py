@@ -59,8 +59,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from trainer.attention import BLOCK_SPARSE_SDPA  # noqa: E402
 from trainer.masking import MaskingConfig  # noqa: E402
-from trainer.modeling import call_model, enable_activation_checkpointing, family_of  # noqa: E402
+from trainer.modeling import call_model, family_of  # noqa: E402
 from trainer.objective import make_training_batch  # noqa: E402
+from trainer.recompute import enable_activation_checkpointing  # noqa: E402
 
 SCALE_100M = {  # the fixture configs scaled up to ~100 M parameters (their 4k vocabulary kept)
     "llada": {"d_model": 768, "n_layers": 12, "n_heads": 12, "n_kv_heads": 12, "mlp_hidden_size": 2048},

@@ -233,7 +233,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients(family: str) -> None:
     from transformers import AutoModelForCausalLM
 
     import trainer.models.llada2  # noqa: F401 - registers the family
-    from trainer.modeling import enable_activation_checkpointing
+    from trainer.recompute import enable_activation_checkpointing
 
     results = {}
     for mode in ("none", "selective", "full"):

@@ -25,11 +25,11 @@ from trainer.families import family_for
 from trainer.modeling import (
     DEFAULT_MODEL,
     ModelBundle,
-    enable_activation_checkpointing,
     family_in,
     load_model,
     mark_z3_leaf_modules,
 )
+from trainer.recompute import enable_activation_checkpointing
 
 
 def _free_port() -> int:
@@ -183,10 +183,6 @@ def load_for_training(cfg: Config, *, bf16: bool, attn_backend: str, ds_config: 
     it loads, and its family's MoE blocks are marked ZeRO-3 leaves.  With ``lora.rank`` > 0 it comes back
     frozen inside a ``peft.PeftModel`` whose adapters alone train (``trainer.lora``)."""
     zero3 = int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
-    if zero3 and cfg.model.activation_checkpointing == "selective":
-        raise ConfigError("model.activation_checkpointing: selective does not work under ZeRO-3 (the "
-                          "recompute replays the forward's ops one by one, and ZeRO-3 gathers the weights "
-                          "with other collectives then); use full, or ZeRO-2 (ds_configs/zero2.json)")
     tiny = cfg.model.name == DEFAULT_MODEL
     try:  # the family and its layouts first, from config.json alone, before any weight is read
         family = family_for("tiny_dllm") if tiny else family_in(cfg.model.name)

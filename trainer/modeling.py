@@ -28,7 +28,6 @@ from transformers import (
 )
 
 from trainer import tiny_model
-from trainer.config import ACTIVATION_CHECKPOINTING
 from trainer.families import Family, family_for, mask_token_id_of
 
 DEFAULT_MODEL = "tiny"
@@ -129,53 +128,6 @@ def family_of(model: torch.nn.Module) -> Family:
     dict, so the model's is read through ``engine.module``)."""
     inner = getattr(model, "module", model)
     return family_for(str(getattr(inner.config, "model_type", "")))
-
-
-def _saved_ops() -> set:
-    aten = torch.ops.aten
-    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_mm.default,
-           aten._scaled_dot_product_flash_attention_for_cpu.default,
-           aten._scaled_dot_product_flash_attention.default,
-           aten._scaled_dot_product_efficient_attention.default,
-           aten._scaled_dot_product_cudnn_attention.default}
-    flex = getattr(torch.ops.higher_order, "flex_attention", None)
-    return ops | ({flex} if flex is not None else set())
-
-
-def _keep_matmuls_and_attention(ctx, op, *args, **kwargs):  # noqa: ANN001, ANN202 - torch's policy signature
-    """Selective recomputation policy (as torchtitan's op-level AC): the outputs of matrix products and
-    attention kernels are saved, everything else (norms, activation functions, rotary embeddings, casts,
-    the gate x up product) is recomputed from them in the backward: elementwise work, a few % of a step,
-    for about a third of the activation memory."""
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-_SAVED_OPS = _saved_ops()
-
-
-def enable_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
-    """Recompute activations of every decoder layer in the backward (``mode`` in ACTIVATION_CHECKPOINTING).
-
-    Through transformers' ``gradient_checkpointing_enable`` (every family's decoder layer is a
-    ``GradientCheckpointingLayer``), non-reentrant, so frozen weights (LoRA) work.  'full' works under
-    ZeRO-3 (the recompute gathers the partitioned weights again through the same module hooks);
-    'selective' does not (its recompute must replay the forward's ops one for one, and ZeRO-3's second
-    gather differs), so ``trainer.components.load_for_training`` refuses that combination.
-    """
-    if mode not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(f"activation checkpointing: {mode!r} is not one of {ACTIVATION_CHECKPOINTING}")
-    if mode == "none":
-        return
-    kwargs: dict = {"use_reentrant": False}
-    if mode == "selective":
-        from functools import partial
-
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_matmuls_and_attention)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def mark_z3_leaf_modules(model: torch.nn.Module) -> list[type]:
