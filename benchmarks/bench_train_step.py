@@ -11,13 +11,14 @@ L tokens, prompts of different lengths so that ``--response`` of the tokens are 
 30 % of them info-dense.  Then, interleaved (variant after variant, ``--reps`` rounds, medians), one
 optimizer step (forward, backward, AdamW) each of:
 
-* ``default``: the trainer's step (block layout, complementary soft masking, both views sharing one
-  x_0, prompt-only noisy blocks left out, LM head on the masked tokens only; attention as
-  ``objective.attn_backend=auto`` picks it: block-sparse SDPA on CPU, flex on a GPU);
-* the default with each cut off in turn (the sparse attention too: dense SDPA instead), and the
-  reference with all cuts off;
-* the default with ``model.activation_checkpointing=selective`` (matmul and attention outputs kept,
-  the rest recomputed in the backward), and AR SFT with the same, for a like-for-like memory figure;
+* ``default``: the trainer's step with its default settings (block layout, complementary soft
+  masking, both views sharing one x_0, prompt-only noisy blocks left out, LM head on the masked tokens
+  only; attention as ``objective.attn_backend=auto`` picks it: block-sparse SDPA on CPU, flex on a
+  GPU; recomputation as ``model.activation_checkpointing=auto`` picks it: selective with the CPU
+  attention, none with flex);
+* the default with each cut off in turn (the sparse attention too: dense SDPA instead; selective
+  recomputation too), and the reference with all cuts off;
+* AR SFT with selective recomputation, for a like-for-like memory figure;
 * ``AR SFT``: plain autoregressive SFT: a causal mask, logits at every position, next-token
   cross-entropy on the response tokens (prompt labels ignored), as ``model(..., labels=)`` does.
 
@@ -58,6 +59,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from trainer.attention import BLOCK_SPARSE_SDPA  # noqa: E402
+from trainer.components import resolve_activation_checkpointing  # noqa: E402
 from trainer.masking import MaskingConfig  # noqa: E402
 from trainer.modeling import call_model, family_of  # noqa: E402
 from trainer.objective import make_training_batch  # noqa: E402
@@ -257,9 +259,11 @@ def flop_floor(m: Model, batch: dict, block: int) -> tuple[float, float]:
 
 def variants(layout: str, device: torch.device) -> dict[str, dict | None]:
     """The default step as the trainer runs it on ``device`` (attention 'auto': block-sparse SDPA on CPU,
-    flex on CUDA), each cut off in turn (sparse attention off = dense SDPA), and AR SFT."""
+    flex on CUDA; recomputation 'auto'), each cut off in turn (sparse attention off = dense SDPA), and
+    AR SFT without and with selective recomputation."""
     attn = "flex" if device.type == "cuda" else "sparse"
-    default = {"packing": "shared", "skip_blocks": True, "masked_head": True, "attn_backend": attn}
+    default = {"packing": "shared", "skip_blocks": True, "masked_head": True, "attn_backend": attn,
+               "recompute": resolve_activation_checkpointing("auto", attn)}
     out: dict[str, dict | None] = {"default": default}
     for key, (off, label) in CUTS.items():
         if layout == "full" and key in ("packing", "skip_blocks"):
@@ -268,8 +272,9 @@ def variants(layout: str, device: torch.device) -> dict[str, dict | None]:
     out[f"{'flex' if attn == 'flex' else 'block-sparse SDPA'} off (dense SDPA)"] = {**default,
                                                                                      "attn_backend": "sdpa"}
     out["reference (all cuts off)"] = {**default, **{k: off for k, (off, _) in CUTS.items()},
-                                       "attn_backend": "sdpa"}
-    out["default + selective recompute"] = {**default, "recompute": "selective"}
+                                       "attn_backend": "sdpa", "recompute": "none"}
+    if default["recompute"] != "none":
+        out[f"{default['recompute']} recompute off"] = {**default, "recompute": "none"}
     out["AR SFT"] = None
     out["AR SFT + selective recompute"] = {"ar": True, "recompute": "selective"}
     return out

@@ -65,7 +65,8 @@ def test_dream_is_refused_where_its_shift_breaks_the_context():
 
     cfg = load_config(["--model.name", str(fixture("Dream")), "--objective.layout", "block"])
     with pytest.raises(ConfigError, match="objective.layout: layout 'block' is not supported for Dream"):
-        load_for_training(cfg, bf16=False, attn_backend="sdpa", ds_config={}, vocab_size=4096)
+        load_for_training(cfg, bf16=False, attn_backend="sdpa", recompute="none", ds_config={},
+                          vocab_size=4096)
     model = load_model(fixture("Dream"), tokenizer=TOKENIZER_DIR).model.eval()
     for bad in (DecodeConfig(gen_length=8, block_size=8, layout="block"),
                 DecodeConfig(gen_length=8, block_size=8, kv_cache=True)):

@@ -261,3 +261,58 @@ def test_activation_checkpointing_keeps_loss_and_gradients(family: str) -> None:
         torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
         for a, b in zip(grads, ref_grads):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=mode)
+
+
+def test_activation_checkpointing_auto_and_its_refusals() -> None:
+    """'auto' is selective with the CPU attentions and none with flex; selective with flex is refused."""
+    from trainer.components import resolve_activation_checkpointing
+    from trainer.config import ConfigError
+
+    assert resolve_activation_checkpointing("auto", "sparse") == "selective"
+    assert resolve_activation_checkpointing("auto", "sdpa") == "selective"
+    assert resolve_activation_checkpointing("auto", "flex") == "none"
+    assert resolve_activation_checkpointing("full", "flex") == "full"
+    with pytest.raises(ConfigError, match="model.activation_checkpointing: selective .* flex"):
+        resolve_activation_checkpointing("selective", "flex")
+
+
+def test_selective_recompute_refuses_a_kept_output_changed_in_place() -> None:
+    """A kept matmul output modified in place after the forward would hand the backward a wrong value:
+    the recompute raises instead."""
+    from torch.utils.checkpoint import checkpoint
+
+    from trainer.recompute import _selective_contexts
+
+    w = torch.randn(4, 4, requires_grad=True)
+    x = torch.randn(3, 4)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        y = x @ w  # kept (aten.mm)
+        y.mul_(2)  # changes the kept output after the forward recorded it
+        return y.sin()
+
+    out = checkpoint(f, x, use_reentrant=False, context_fn=_selective_contexts)
+    with pytest.raises(RuntimeError, match="kept output was modified in place"):
+        out.sum().backward()
+
+
+@pytest.mark.slow
+def test_bench_train_step_prints_its_table(tmp_path) -> None:
+    """benchmarks/bench_train_step.py runs every variant on a small batch and writes ratios to AR."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "steps.json"
+    p = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_train_step.py"), "--configs", "tiny",
+                        "--batch", "2", "--length", "64", "--reps", "1", "--warmup", "0", "--threads", "1",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "FLOP floor" in p.stdout and "time/AR" in p.stdout
+    variants = json.loads(out.read_text())["tiny"]["variants"]
+    assert {"default", "selective recompute off", "AR SFT", "AR SFT + selective recompute",
+            "reference (all cuts off)"} <= set(variants)
+    for name, r in variants.items():
+        assert "failed" not in r, (name, r)
+        assert r["cpu_vs_ar"] > 0 and r["mem_vs_ar"] > 0

@@ -252,54 +252,69 @@ def _cached_plan(mask: Tensor, tile: int, fixed: bool) -> list[_Chunk]:
     return plan
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    """Attention over a ``sparse_plan``: the fused CPU flash kernel per chunk, forward and backward.
+def _plan_of(plan_id: int) -> list[_Chunk]:
+    """The cached plan whose ``id`` the op was given (ops take tensors and scalars, not Python objects)."""
+    for _, plan in _PLANS.values():
+        if id(plan) == plan_id:
+            return plan
+    raise RuntimeError("block-sparse attention: its plan is no longer cached (more than 4 masks in use)")
 
-    A custom backward because autograd through per-chunk slices would materialise a full-size zero
-    gradient for every slice (chunks x T memory traffic); here each chunk's gradients are added
-    into one buffer per input, in place.
-    """
 
-    @staticmethod
-    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, plan: list[_Chunk],
-                scale: float | None) -> Tensor:  # [B, H, Q, D] x3 -> [B, H, Q, D]
-        b, h, q_len, _ = query.shape
-        # Stored [B, Q, H, D] like the fused kernel's own output, so the caller's transpose + reshape to
-        # [B, Q, H*D] (the output projection's input, which it saves) is a view, not a second copy.
-        out = query.new_zeros(b, q_len, h, value.shape[-1]).transpose(1, 2)  # [B, H, Q, D] view
-        lse = query.new_zeros(query.shape[:-1], dtype=torch.float32)  # [B, H, Q]
-        for c in plan:
-            if not c.keys:
-                continue  # no visible key: output 0, as flex gives
-            k, v = _gather(key, c.keys), _gather(value, c.keys)
-            o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query[:, :, c.q], k, v, 0.0, False, attn_mask=_sub_mask(c, query.dtype), scale=scale)
-            out[:, :, c.q] = o
-            lse[:, :, c.q] = l_
-        ctx.save_for_backward(query, key, value, out, lse)
-        ctx.plan, ctx.scale = plan, scale
-        return out
+# One op, not a Python autograd.Function, so that a dispatch mode (trainer.recompute's selective
+# recomputation) sees the whole attention as one kernel: it keeps its output and never replays the
+# per-chunk gathers, nor intercepts each of their ops.
+@torch.library.custom_op("density_masking::block_sparse_attention", mutates_args=(), device_types="cpu")
+def _attend(query: Tensor, key: Tensor, value: Tensor, plan_id: int, scale: float | None
+            ) -> tuple[Tensor, Tensor]:
+    """Attention over a ``sparse_plan``, the fused CPU flash kernel per chunk: [B, H, Q, D] x3 ->
+    ([B, H, Q, D] output, [B, H, Q] float32 log-sum-exp)."""
+    b, h, q_len, _ = query.shape
+    # Stored [B, Q, H, D] like the fused kernel's own output, so the caller's transpose + reshape to
+    # [B, Q, H*D] (the output projection's input, which it saves) is a view, not a second copy.
+    out = query.new_zeros(b, q_len, h, value.shape[-1]).transpose(1, 2)  # [B, H, Q, D] view
+    lse = query.new_zeros(query.shape[:-1], dtype=torch.float32)  # [B, H, Q]
+    for c in _plan_of(plan_id):
+        if not c.keys:
+            continue  # no visible key: output 0, as flex gives
+        k, v = _gather(key, c.keys), _gather(value, c.keys)
+        o, l_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query[:, :, c.q], k, v, 0.0, False, attn_mask=_sub_mask(c, query.dtype), scale=scale)
+        out[:, :, c.q] = o
+        lse[:, :, c.q] = l_
+    return out, lse
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # noqa: ANN205
-        query, key, value, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-        for c in ctx.plan:
-            if not c.keys:
-                continue
-            k, v = _gather(key, c.keys), _gather(value, c.keys)
-            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad[:, :, c.q].contiguous(), query[:, :, c.q], k, v, out[:, :, c.q], lse[:, :, c.q], 0.0,
-                False,
-                attn_mask=_sub_mask(c, query.dtype), scale=ctx.scale)
-            dq[:, :, c.q] = gq
-            at = 0
-            for r in c.keys:
-                n = r.stop - r.start
-                dk[:, :, r] += gk[:, :, at:at + n]
-                dv[:, :, r] += gv[:, :, at:at + n]
-                at += n
-        return dq, dk, dv, None, None
+
+def _attend_setup(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
+    query, key, value, plan_id, scale = inputs
+    ctx.save_for_backward(query, key, value, *output)
+    ctx.plan, ctx.scale = _plan_of(plan_id), scale
+
+
+def _attend_backward(ctx, grad: Tensor, _grad_lse: Tensor | None):  # noqa: ANN001, ANN202
+    """Each chunk's gradients added into one buffer per input, in place (autograd through per-chunk
+    slices would materialise a full-size zero gradient for every slice)."""
+    query, key, value, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    for c in ctx.plan:
+        if not c.keys:
+            continue
+        k, v = _gather(key, c.keys), _gather(value, c.keys)
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad[:, :, c.q].contiguous(), query[:, :, c.q], k, v, out[:, :, c.q], lse[:, :, c.q], 0.0, False,
+            attn_mask=_sub_mask(c, query.dtype), scale=ctx.scale)
+        dq[:, :, c.q] = gq
+        at = 0
+        for r in c.keys:
+            n = r.stop - r.start
+            dk[:, :, r] += gk[:, :, at:at + n]
+            dv[:, :, r] += gv[:, :, at:at + n]
+            at += n
+    return dq, dk, dv, None, None
+
+
+_attend.register_autograd(_attend_backward, setup_context=_attend_setup)
+block_sparse_attention = torch.ops.density_masking.block_sparse_attention
+"""The op itself (``trainer.recompute`` keeps its outputs)."""
 
 
 def _gather(x: Tensor, ranges: tuple[slice, ...]) -> Tensor:
@@ -335,7 +350,7 @@ def block_sparse_sdpa(module: torch.nn.Module, query: Tensor, key: Tensor, value
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     plan = _cached_plan(attention_mask, fixed or BLOCK_SIZE, bool(fixed))
-    out = _BlockSparseAttention.apply(query, key, value, plan, scaling)
+    out, _ = _attend(query, key, value, id(plan), scaling)
     return out.transpose(1, 2), None  # [B, Q, H, D]
 
 

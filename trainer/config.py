@@ -36,7 +36,7 @@ def _check(cond: bool, key: str, msg: str, value: Any) -> None:
 
 
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
-"""``model.activation_checkpointing`` (``trainer.modeling.enable_activation_checkpointing``)."""
+"""``model.activation_checkpointing`` modes (``trainer.recompute``); 'auto' resolves to one of them."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -53,18 +53,21 @@ class ModelConfig:
     """Parameter dtype: auto (bf16 on a GPU with bf16, fp32 on CPU), float32, bfloat16."""
     attn_implementation: str | None = None
     """Override the attention backend (sdpa, eager, flex_attention); None keeps the model's."""
-    activation_checkpointing: str = "none"
+    activation_checkpointing: str = "auto"
     """Recompute activations in the backward to save memory: 'none'; 'selective' (keep the outputs of
     matrix products and attention, recompute norms, activation functions and the like: a third less
-    step memory for 2-8 % more CPU time at 27 M, docs/training.md); 'full' (keep each decoder
-    layer's input only, recompute the layer: the least memory, about one more forward)."""
+    step memory for ~10 % more CPU time at 27 M, docs/training.md); 'full' (keep each decoder layer's
+    input only, recompute the layer: the least memory, about one more forward); 'auto': selective,
+    except with flex attention (objective.attn_backend), where it is none (selective is refused there:
+    flex is a higher-order op whose recompute is not verified yet)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must be a name, a path or 'tiny'", self.name)
         _check(self.dtype in ("auto", "float32", "bfloat16"), "model.dtype",
                "must be auto, float32 or bfloat16", self.dtype)
-        _check(self.activation_checkpointing in ACTIVATION_CHECKPOINTING, "model.activation_checkpointing",
-               f"must be one of {', '.join(ACTIVATION_CHECKPOINTING)}", self.activation_checkpointing)
+        _check(self.activation_checkpointing in ("auto", *ACTIVATION_CHECKPOINTING),
+               "model.activation_checkpointing",
+               f"must be auto or one of {', '.join(ACTIVATION_CHECKPOINTING)}", self.activation_checkpointing)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -94,8 +94,11 @@ class Trainer:
         self.dataset = parts.open_dataset(cfg)
         self.attn_backend = parts.resolve_attn_backend(cfg.objective.attn_backend, self.device,
                                                        cfg.model.attn_implementation)
+        self.recompute = parts.resolve_activation_checkpointing(cfg.model.activation_checkpointing,
+                                                                self.attn_backend)
         self.bundle = parts.load_for_training(cfg, bf16=self.bf16, attn_backend=self.attn_backend,
-                                              ds_config=self.ds_config, vocab_size=self.dataset.vocab_size)
+                                              recompute=self.recompute, ds_config=self.ds_config,
+                                              vocab_size=self.dataset.vocab_size)
         self.n_flop_params = matmul_params(self.bundle.model)
         built = parts.build_engine(cfg, self.bundle.model, self.ds_config)
         self.engine, self.optimizer, self.scheduler = built.engine, built.optimizer, built.scheduler
@@ -150,7 +153,7 @@ class Trainer:
             f"{self.bundle.family.model_type}) | ZeRO-{self.zero_stage} | {self.world} rank(s) on "
             f"{self.device.type} | {'bf16' if self.bf16 else 'fp32'} | masking {m.mode} w={m.weight} "
             f"block {m.block_size} sigma U[{m.sigma_min}, {m.sigma_max}] complementary={m.complementary} | "
-            f"layout {cfg.objective.layout}, attention {self.attn_backend}")
+            f"layout {cfg.objective.layout}, attention {self.attn_backend}, recompute {self.recompute}")
         if cfg.lora.enabled:
             from trainer.lora import adapted_modules, parameter_counts
 

@@ -23,22 +23,19 @@ from collections import defaultdict, deque
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
+from torch.utils.checkpoint import _detach_helper
 
+from trainer.attention import block_sparse_attention
 from trainer.config import ACTIVATION_CHECKPOINTING
 
-
-def _kept_ops() -> frozenset:
-    aten = torch.ops.aten
-    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._scaled_mm.default,
-           aten._scaled_dot_product_flash_attention_for_cpu.default,
-           aten._scaled_dot_product_flash_attention.default,
-           aten._scaled_dot_product_efficient_attention.default,
-           aten._scaled_dot_product_cudnn_attention.default}
-    flex = getattr(torch.ops.higher_order, "flex_attention", None)
-    return frozenset(ops | ({flex} if flex is not None else set()))
-
-
-KEPT_OPS = _kept_ops()
+_aten = torch.ops.aten
+KEPT_OPS = frozenset({
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten._scaled_mm.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    block_sparse_attention.default,
+})
 """Ops whose outputs ``selective`` keeps for the backward (everything else in a layer is recomputed)."""
 
 
@@ -48,7 +45,8 @@ class _Kept:
     __slots__ = ("tensor", "version")
 
     def __init__(self, x: torch.Tensor) -> None:
-        self.tensor, self.version = x.detach(), x._version
+        # torch's own SAC detach: below autograd a plain detach would not share the version counter
+        self.tensor, self.version = _detach_helper(x), x._version
 
     def get(self) -> torch.Tensor:
         if self.tensor._version != self.version:
