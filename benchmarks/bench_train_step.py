@@ -257,13 +257,13 @@ def flop_floor(m: Model, batch: dict, block: int) -> tuple[float, float]:
     return method, ar
 
 
-def variants(layout: str, device: torch.device) -> dict[str, dict | None]:
+def variants(name: str, layout: str, device: torch.device) -> dict[str, dict | None]:
     """The default step as the trainer runs it on ``device`` (attention 'auto': block-sparse SDPA on CPU,
     flex on CUDA; recomputation 'auto'), each cut off in turn (sparse attention off = dense SDPA), and
     AR SFT without and with selective recomputation."""
     attn = "flex" if device.type == "cuda" else "sparse"
     default = {"packing": "shared", "skip_blocks": True, "masked_head": True, "attn_backend": attn,
-               "recompute": resolve_activation_checkpointing("auto", attn)}
+               "recompute": resolve_activation_checkpointing("auto", attn, builtin=name == "tiny")}
     out: dict[str, dict | None] = {"default": default}
     for key, (off, label) in CUTS.items():
         if layout == "full" and key in ("packing", "skip_blocks"):
@@ -273,7 +273,9 @@ def variants(layout: str, device: torch.device) -> dict[str, dict | None]:
                                                                                      "attn_backend": "sdpa"}
     out["reference (all cuts off)"] = {**default, **{k: off for k, (off, _) in CUTS.items()},
                                        "attn_backend": "sdpa", "recompute": "none"}
-    if default["recompute"] != "none":
+    if default["recompute"] == "none":
+        out["default + selective recompute"] = {**default, "recompute": "selective"}
+    else:
         out[f"{default['recompute']} recompute off"] = {**default, "recompute": "none"}
     out["AR SFT"] = None
     out["AR SFT + selective recompute"] = {"ar": True, "recompute": "selective"}
@@ -292,7 +294,7 @@ def measure(m: Model, batch: dict, args: argparse.Namespace, device: torch.devic
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    runs = variants(m.layout, device)
+    runs = variants(m.name, m.layout, device)
     if not args.reference:
         runs.pop("reference (all cuts off)")
     times: dict[str, list[float]] = {k: [] for k in runs}

@@ -264,16 +264,17 @@ def test_activation_checkpointing_keeps_loss_and_gradients(family: str) -> None:
 
 
 def test_activation_checkpointing_auto_and_its_refusals() -> None:
-    """'auto' is selective with the CPU attentions and none with flex; selective with flex is refused."""
-    from trainer.components import resolve_activation_checkpointing
+    """'auto' is selective with the CPU attentions, none with flex and for the built-in tiny model;
+    selective with flex is refused."""
+    from trainer.components import resolve_activation_checkpointing as resolve
     from trainer.config import ConfigError
 
-    assert resolve_activation_checkpointing("auto", "sparse") == "selective"
-    assert resolve_activation_checkpointing("auto", "sdpa") == "selective"
-    assert resolve_activation_checkpointing("auto", "flex") == "none"
-    assert resolve_activation_checkpointing("full", "flex") == "full"
+    assert resolve("auto", "sparse", builtin=False) == resolve("auto", "sdpa", builtin=False) == "selective"
+    assert resolve("auto", "flex", builtin=False) == resolve("auto", "sparse", builtin=True) == "none"
+    assert resolve("full", "flex", builtin=False) == "full"
+    assert resolve("selective", "sparse", builtin=True) == "selective"
     with pytest.raises(ConfigError, match="model.activation_checkpointing: selective .* flex"):
-        resolve_activation_checkpointing("selective", "flex")
+        resolve("selective", "flex", builtin=False)
 
 
 def test_selective_recompute_refuses_a_kept_output_changed_in_place() -> None:
@@ -311,7 +312,7 @@ def test_bench_train_step_prints_its_table(tmp_path) -> None:
     assert p.returncode == 0, p.stderr[-2000:]
     assert "FLOP floor" in p.stdout and "time/AR" in p.stdout
     variants = json.loads(out.read_text())["tiny"]["variants"]
-    assert {"default", "selective recompute off", "AR SFT", "AR SFT + selective recompute",
+    assert {"default", "default + selective recompute", "AR SFT", "AR SFT + selective recompute",
             "reference (all cuts off)"} <= set(variants)
     for name, r in variants.items():
         assert "failed" not in r, (name, r)

@@ -155,16 +155,18 @@ def resolve_attn_backend(choice: str, device: torch.device, requested: str | Non
     return choice
 
 
-def resolve_activation_checkpointing(choice: str, attn_backend: str) -> str:
+def resolve_activation_checkpointing(choice: str, attn_backend: str, *, builtin: bool) -> str:
     """model.activation_checkpointing -> 'none', 'selective' or 'full' for the resolved attention backend.
 
     'auto' is selective (on the 27 M benchmark model it brings a step's memory from 1.8x to 1.2x AR SFT
-    for ~10 % more CPU time, docs/training.md "Step cost"), except with flex: its recompute would run
-    flex's higher-order op under a Python dispatch mode, which is not verified on a GPU yet, so 'auto'
-    is none there and an explicit selective is an error naming both keys.
+    for ~8 % more CPU time, docs/training.md "Step cost"), except:
+    * with flex: its recompute would run flex's higher-order op under a Python dispatch mode, which is
+      not verified on a GPU yet, so 'auto' is none there and an explicit selective is an error;
+    * for the ``builtin`` ~4 M model (model.name tiny): its activations are tens of MiB, and the
+      recompute's per-op overhead would cost ~20 % of its step (command 1's run time) for nothing.
     """
     if choice == "auto":
-        return "none" if attn_backend == "flex" else "selective"
+        return "none" if attn_backend == "flex" or builtin else "selective"
     if choice == "selective" and attn_backend == "flex":
         raise ConfigError("model.activation_checkpointing: selective is not supported with objective."
                           "attn_backend flex yet; use full, none, or attn_backend sdpa")

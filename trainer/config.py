@@ -58,8 +58,9 @@ class ModelConfig:
     matrix products and attention, recompute norms, activation functions and the like: a third less
     step memory for ~10 % more CPU time at 27 M, docs/training.md); 'full' (keep each decoder layer's
     input only, recompute the layer: the least memory, about one more forward); 'auto': selective,
-    except with flex attention (objective.attn_backend), where it is none (selective is refused there:
-    flex is a higher-order op whose recompute is not verified yet)."""
+    except none with flex attention (objective.attn_backend; selective is refused there: flex is a
+    higher-order op whose recompute is not verified yet) and for the built-in tiny model (its
+    activations are small, the recompute's per-op overhead is not)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must be a name, a path or 'tiny'", self.name)

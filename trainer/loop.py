@@ -95,7 +95,8 @@ class Trainer:
         self.attn_backend = parts.resolve_attn_backend(cfg.objective.attn_backend, self.device,
                                                        cfg.model.attn_implementation)
         self.recompute = parts.resolve_activation_checkpointing(cfg.model.activation_checkpointing,
-                                                                self.attn_backend)
+                                                                self.attn_backend,
+                                                                builtin=cfg.model.name == parts.DEFAULT_MODEL)
         self.bundle = parts.load_for_training(cfg, bf16=self.bf16, attn_backend=self.attn_backend,
                                               recompute=self.recompute, ds_config=self.ds_config,
                                               vocab_size=self.dataset.vocab_size)
