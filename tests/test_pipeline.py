@@ -413,24 +413,45 @@ def _wordpiece_dir(tmp_path: Path) -> Path:
     return d
 
 
+def _prefix_space_bpe_dir(tmp_path: Path) -> Path:
+    """Byte-level BPE with ``add_prefix_space``: byte lengths never add up to the text (the added
+    space), so every sample is aligned by offsets although the tokenizer has a byte table."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(NON_ASCII * 20, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    d = tmp_path / "bpe-prefix-space"
+    PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>").save_pretrained(d)
+    return d
+
+
 NON_ASCII = ["Zürich → 東京 costs 12 €, so 3 ≥ 2 and naïve 45.", "Straße 7 😀 9 déjà 10 vu",
              "plain ascii 123 here", "x=4 → y=16 (東京 2024)"]
 
 
-@pytest.mark.parametrize("family", ["bundled-byte-bpe", "wordpiece-offsets"])
+@pytest.mark.parametrize("family", ["bundled-byte-bpe", "wordpiece-offsets", "byte-bpe-prefix-space"])
 def test_batched_alignment_matches_per_sample_reference(tmp_path: Path, family):
-    """The batch-vectorised alignment in the pipeline equals align_spans sample by sample."""
+    """The batch-vectorised alignment in the pipeline equals align_spans sample by sample.
+
+    byte-bpe-prefix-space: the first batch is encoded without offsets (byte table) and its samples
+    are encoded again for their offsets; the later batches are encoded with offsets."""
     from preprocess.align import TokenizerBundle, align_spans
 
-    tok_dir = TOKENIZER_DIR if family == "bundled-byte-bpe" else _wordpiece_dir(tmp_path)
+    tok_dir = {"bundled-byte-bpe": lambda _: TOKENIZER_DIR, "wordpiece-offsets": _wordpiece_dir,
+               "byte-bpe-prefix-space": _prefix_space_bpe_dir}[family](tmp_path)
     inp = tmp_path / "na.jsonl"
     inp.write_text("".join(json.dumps({"id": f"n{i}", "domain": "math", "prompt": "Q", "response": r},
                                       ensure_ascii=False) + "\n" for i, r in enumerate(NON_ASCII * 3)),
                    encoding="utf-8")
     ds = ShardedDataset(run_pipeline(_cfg(inp, tmp_path / "out", num_shards=1, extractor="test-digits",
-                                          tokenizer=str(tok_dir))))
-    method = "bytes" if family == "bundled-byte-bpe" else "offsets"
-    assert ds.index["alignment"] == {method: len(NON_ASCII) * 3}
+                                          tokenizer=str(tok_dir), batch_size=5)))
+    n = len(NON_ASCII) * 3
+    assert ds.index["alignment"] == {"bundled-byte-bpe": {"bytes": n}, "wordpiece-offsets": {"offsets": n},
+                                     "byte-bpe-prefix-space": {"bytes": 0, "offsets": n}}[family]
     bundle = TokenizerBundle(tok_dir)
     for s in ds:
         resp = NON_ASCII[int(s.sample_id[1:]) % len(NON_ASCII)]
