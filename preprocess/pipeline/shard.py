@@ -137,8 +137,9 @@ class ShardJob:
         # whose byte lengths do not add up gets its offsets by encoding it again
         # (``response_offsets``), and later batches are encoded with offsets: a tokenizer where that
         # happens (``add_prefix_space``) would otherwise encode most responses twice.
-        self.with_offsets = self.tok.byte_table is None  # for the next batch
-        self.batch_offsets = self.with_offsets  # whether this batch's encodings carry offsets
+        # Whether the current batch is (and later ones are) encoded with offsets; it changes only after
+        # a batch's alignment is done, so while a batch is aligned it describes that batch's encodings.
+        self.with_offsets = self.tok.byte_table is None
         crash = os.environ.get(CRASH_ENV, "")
         c_shard, _, c_after = crash.partition(":")
         self.crash_after = int(c_after) if crash and int(c_shard) == shard else -1
@@ -220,7 +221,6 @@ class ShardJob:
         n_rec = len(recs)
         texts = [self.tok.render_prompt(r.prompt, r.messages) for r in recs] + [r.response for r in recs]
         backend = self.tok.backend
-        self.batch_offsets = self.with_offsets
         encs = (backend.encode_batch if self.with_offsets else backend.encode_batch_fast)(
             texts, add_special_tokens=False)
         bos, eos, max_len = self.bos, self.tok.eos_id, self.cfg.max_length
@@ -389,7 +389,7 @@ class ShardJob:
     def response_offsets(self, enc: Any, text: str) -> list[tuple[int, int]]:
         """Tokenizer offsets of a response from its encoding; when the batch was encoded without
         them (``encode_batch_fast``), by encoding the response again (the same ids, with offsets)."""
-        if self.batch_offsets:
+        if self.with_offsets:
             return enc.offsets
         return self.tok.backend.encode(text, add_special_tokens=False).offsets
 
