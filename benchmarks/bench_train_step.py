@@ -16,8 +16,9 @@ optimizer step (forward, backward, AdamW) each of:
   only; attention as ``objective.attn_backend=auto`` picks it: block-sparse SDPA on CPU, flex on a
   GPU; recomputation as ``model.activation_checkpointing=auto`` picks it: selective with the CPU
   attention, none with flex);
-* the default with each cut off in turn (the sparse attention too: dense SDPA instead; selective
-  recomputation too), and the reference with all cuts off;
+* the default with each cut off in turn (the sparse attention too: dense SDPA instead), with its
+  recomputation switched (selective off where the default has it, on where it does not: the
+  built-in tiny model), and the reference with all cuts off;
 * AR SFT with selective recomputation, for a like-for-like memory figure;
 * ``AR SFT``: plain autoregressive SFT: a causal mask, logits at every position, next-token
   cross-entropy on the response tokens (prompt labels ignored), as ``model(..., labels=)`` does.

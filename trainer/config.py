@@ -56,7 +56,7 @@ class ModelConfig:
     activation_checkpointing: str = "auto"
     """Recompute activations in the backward to save memory: 'none'; 'selective' (keep the outputs of
     matrix products and attention, recompute norms, activation functions and the like: a third less
-    step memory for ~10 % more CPU time at 27 M, docs/training.md); 'full' (keep each decoder layer's
+    step memory for ~8 % more CPU time at 27 M, docs/training.md); 'full' (keep each decoder layer's
     input only, recompute the layer: the least memory, about one more forward); 'auto': selective,
     except none with flex attention (objective.attn_backend; selective is refused there: flex is a
     higher-order op whose recompute is not verified yet) and for the built-in tiny model (its
